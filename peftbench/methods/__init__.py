@@ -1,0 +1,7 @@
+"""PEFT methods, one file each; importing this package registers all of them."""
+
+from peftbench.methods import lora  # noqa: F401
+from peftbench.methods.base import AdapterLayer, PeftMethod, check_groups_cover
+from peftbench.methods.registry import METHODS, build_method
+
+__all__ = ["METHODS", "AdapterLayer", "PeftMethod", "build_method", "check_groups_cover"]

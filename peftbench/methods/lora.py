@@ -1,0 +1,125 @@
+"""LoRA: low-rank adaptation of a frozen linear layer (Hu et al. 2021, arXiv 2106.09685).
+
+Sec. 4.1: ``h = W0 x + (alpha / r) * B A x`` with A (r, in) random and B (out, r) zero, so training starts
+from the base model exactly. rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) scales by ``alpha / sqrt(r)``.
+Dropout acts on the adapter branch only (as in the reference implementation, loralib).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftbench.errors import ConfigError, bad_value
+from peftbench.methods.base import AdapterLayer, PeftMethod
+from peftbench.methods.registry import register
+from peftbench.methods.walker import ALL_LINEAR, find_targets, wrap_targets
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense weight of a (possibly 4-bit quantized) linear layer, in its compute dtype."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state)
+    return weight
+
+
+class LoRALinear(AdapterLayer):
+    """``y = base(x) + s * B (A dropout(x))``: a frozen linear layer plus a rank-r update (Sec. 4.1)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        dtype = adapter_dtype(base)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        # A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0 (Sec. 4.1).
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A``, the update this adapter adds to the base weight."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def adapter_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * B (A dropout(x))``, computed in the adapter's dtype."""
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        return F.linear(h, self.lora_B) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.adapter_enabled:
+            return y
+        return y + self.adapter_branch(x).to(y.dtype)
+
+    def merged(self) -> nn.Linear:
+        """``W = W0 + s B A`` as a plain nn.Linear (dequantized if the base was 4-bit)."""
+        weight = base_weight(self.base)
+        bias = self.base.bias
+        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+        layer = layer.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight.float() + self.delta_weight().float())
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.requires_grad_(False)
+        return layer
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters live in the base layer's compute dtype (no per-call casts under autocast)."""
+    compute = getattr(base, "compute_dtype", None)
+    if compute is not None:
+        return compute
+    weight = base.weight
+    return weight.dtype if weight.is_floating_point() else torch.float32
+
+
+def check_lora_hyperparameters(r: int, alpha: float, dropout: float) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise bad_value("method.r", r, "an integer > 0")
+    if not alpha > 0:
+        raise bad_value("method.alpha", alpha, "a number > 0")
+    if not 0 <= dropout < 1:
+        raise bad_value("method.dropout", dropout, "a number in [0, 1)")
+
+
+@register
+@dataclasses.dataclass
+class LoRA(PeftMethod):
+    """LoRA on the selected linear layers; A and B train, everything else is frozen."""
+
+    name: ClassVar[str] = "lora"
+    mergeable: ClassVar[bool] = True
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    rslora: bool = False
+    target_modules: str | list[str] = ALL_LINEAR
+
+    def validate(self) -> None:
+        check_lora_hyperparameters(self.r, self.alpha, self.dropout)
+
+    def make_layer(self, base: nn.Module) -> AdapterLayer:
+        return LoRALinear(base, self.r, self.alpha, self.dropout, self.rslora)
+
+    def attach(self, model: nn.Module) -> None:
+        names = find_targets(model, self.target_modules)
+        too_small = [n for n in names if min(model.get_submodule(n).weight.shape) < 1]
+        if too_small:
+            raise ConfigError(f"layers {too_small[:3]} are empty and cannot take a LoRA adapter")
+        wrap_targets(model, names, lambda _name, layer: self.make_layer(layer))

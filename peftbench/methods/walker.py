@@ -1,0 +1,105 @@
+"""The one module walker every method uses: find the layers to adapt and swap them in place."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from peftbench.errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+
+
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    """nn.Linear plus bitsandbytes' quantized linears when bitsandbytes imports."""
+    types: list[type[nn.Module]] = [nn.Linear]
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except Exception:  # pragma: no cover - bitsandbytes is a runtime dependency but may fail to load
+        pass
+    return tuple(types)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, _linear_types())
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the output head (lm_head / classifier): never adapted by `all-linear`."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            heads.add(name)
+        elif name.split(".")[-1] in {"lm_head", "score", "classifier", "cls"}:
+            heads.add(name)
+    return heads
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of every linear layer in the model's blocks (the output head excluded)."""
+    heads = _output_layer_names(model)
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_linear(module) and not any(name == h or name.startswith(h + ".") for h in heads)
+    ]
+
+
+def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Resolve `target_modules` to qualified layer names.
+
+    - ``"all-linear"``: every linear layer of the attention and MLP blocks (not the output head);
+    - a list of names: a layer matches when its last name component equals one of them
+      (``["q_proj", "v_proj"]``) or when its full name equals it;
+    - any other string: a regular expression matched against the full name (``re.fullmatch``).
+    A selection that matches nothing is a ConfigError listing the layer names that exist.
+    """
+    candidates = linear_layer_names(model)
+    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
+        selected = candidates
+    elif isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        selected = [n for n in candidates if pattern.fullmatch(n)]
+    else:
+        wanted = [str(t) for t in target_modules]
+        selected = [n for n in candidates if n.split(".")[-1] in wanted or n in wanted]
+        leaf_names = {n.split(".")[-1] for n in candidates}
+        unknown = [t for t in wanted if t not in leaf_names and t not in candidates]
+        if unknown:
+            raise ConfigError(
+                f"method.target_modules={unknown} match no linear layer; "
+                f"accepted: {ALL_LINEAR}, a regex, or names among {sorted(leaf_names)}"
+            )
+    if not selected:
+        leaf_names = sorted({n.split(".")[-1] for n in candidates})
+        raise ConfigError(
+            f"method.target_modules={target_modules!r} matches no linear layer; "
+            f"accepted: {ALL_LINEAR}, a regex, or names among {leaf_names}"
+        )
+    return selected
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap the submodule called `name` for `new`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def wrap_targets(
+    model: nn.Module, names: Sequence[str], wrap: Callable[[str, nn.Module], nn.Module]
+) -> None:
+    """Replace each named layer by `wrap(name, layer)`, keeping the layer's train/eval mode."""
+    for name in names:
+        old = model.get_submodule(name)
+        replace_module(model, name, wrap(name, old).train(old.training))

@@ -1,0 +1,132 @@
+"""One row per registered method: the promises every method makes, checked on a tiny random Llama.
+
+Adding a method = its file + its conf/method/<name>.yaml + one row in ROWS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from peftbench.methods import METHODS, build_method, check_groups_cover
+from peftbench.methods.io import load_adapter, save_adapter
+from peftbench.methods.walker import linear_layer_names
+from tests.helpers import clone_model, tiny_llama, token_batch
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    return [model.get_submodule(n) for n in linear_layer_names(model)]
+
+
+def lora_count(r: int) -> Callable[[nn.Module], int]:
+    return lambda model: sum(r * (m.in_features + m.out_features) for m in _linears(model))
+
+
+@dataclasses.dataclass
+class Row:
+    expected_trainable: Callable[[nn.Module], int]
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+
+ROWS: dict[str, Row] = {
+    "lora": Row(lora_count(4), {"r": 4}),
+}
+
+
+def method_config(name: str) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+    return {**cfg, **ROWS[name].overrides}
+
+
+def test_every_registered_method_has_a_row_and_a_config() -> None:
+    assert set(METHODS) == set(ROWS)
+    assert {p.stem for p in CONF.glob("*.yaml")} == set(METHODS)
+
+
+@pytest.fixture(params=sorted(ROWS))
+def applied(request: pytest.FixtureRequest) -> tuple[str, nn.Module, nn.Module, object]:
+    name = request.param
+    base = tiny_llama()
+    model = clone_model(base)
+    torch.manual_seed(0)
+    method = build_method(method_config(name))
+    method.apply(model)
+    return name, base, model, method
+
+
+def test_trainable_count(applied) -> None:
+    name, _, model, method = applied
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    structural = {id(p) for _, p in method.trainable_parameters(model)}
+    assert trainable == structural
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ROWS[name].expected_trainable(
+        model
+    )
+
+
+def test_groups_cover_every_trainable_parameter_once(applied) -> None:
+    _, _, model, method = applied
+    check_groups_cover(method.param_groups(model, lr=1e-3, weight_decay=0.01), model)
+
+
+def test_identity_at_init(applied) -> None:
+    _, base, model, method = applied
+    if not method.identity_at_init:
+        pytest.skip(f"{method.name} does not start from the base function")
+    x = token_batch()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, base(x).logits, atol=0, rtol=0)
+
+
+def _train_a_little(model: nn.Module, method) -> None:
+    model.train()
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2, weight_decay=0.0))
+    for step in range(3):
+        loss = model(token_batch(seed=step), labels=token_batch(seed=step)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_optimizer_step(model, step + 1)
+    model.eval()
+
+
+def test_save_load_round_trip(applied, tmp_path: Path) -> None:
+    name, base, model, method = applied
+    _train_a_little(model, method)
+    path = save_adapter(model, method, tmp_path / "adapter")
+    fresh = clone_model(base)
+    torch.manual_seed(123)  # a different init: everything must come from the file
+    reloaded_method = load_adapter(fresh, path)
+    assert reloaded_method.hyperparameters() == method.hyperparameters()
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits, atol=1e-6, rtol=0)
+
+
+def test_merge_equals_unmerged(applied) -> None:
+    _, _, model, method = applied
+    if not method.mergeable:
+        pytest.skip(f"{method.name} cannot merge")
+    _train_a_little(model, method)
+    x = token_batch()
+    with torch.no_grad():
+        before = model(x).logits
+        method.merge(model)
+        after = model(x).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert not any(isinstance(m, method_layer_types()) for m in model.modules())
+
+
+def method_layer_types() -> tuple[type, ...]:
+    from peftbench.methods.base import AdapterLayer
+
+    return (AdapterLayer,)
