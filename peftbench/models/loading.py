@@ -1,0 +1,106 @@
+"""`load_model(cfg) -> (model, tokenizer)`: one entry point for embedded, random, hub and local models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftbench.errors import ConfigError
+from peftbench.models import embedded, tiny
+from peftbench.models.spec import ModelSpec
+
+
+def load_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
+    """Load the model and tokenizer that the `model` config group describes.
+
+    `cfg` is a DictConfig, a mapping or a `ModelSpec` with the keys of `ModelSpec`. Returns the model in
+    eval mode, on CPU, in `cfg.dtype`, and its tokenizer with a pad token (eos where the checkpoint has
+    none; the padding side is left as the checkpoint sets it). Bad values raise `ConfigError`.
+    """
+    spec = ModelSpec.from_config(cfg)
+    if spec.scheme == "random":
+        return _load_random(spec)
+    if spec.scheme == "embedded":
+        entry = embedded.get_embedded(spec.source)
+        if spec.architecture not in entry.architectures:
+            raise ConfigError(
+                f"model.architecture={spec.architecture!r} is not valid for embedded:{entry.name}; "
+                f"accepted: {', '.join(entry.architectures)}"
+            )
+        return _load_pretrained(spec, embedded.model_dir(entry.name), local=True)
+    return _load_pretrained(spec, *_resolve_hf(spec.name_or_path))
+
+
+def _resolve_hf(name_or_path: str) -> tuple[str | Path, bool]:
+    """(what to pass to from_pretrained, whether it is a local directory); ConfigError for a bad path."""
+    path = Path(_absolute(os.path.expanduser(name_or_path)))
+    looks_local = (
+        name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    )
+    if not path.exists():
+        if looks_local:
+            raise ConfigError(
+                f"model.name_or_path={name_or_path!r} is not valid; the local path {path} does not exist"
+            )
+        return name_or_path, False  # a hub id
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r} is not valid; accepted: a model directory with a "
+            f"config.json (as written by save_pretrained), a hub id, embedded:<name> or random:<preset>"
+        )
+    return path, True
+
+
+def _absolute(path: str) -> str:
+    """Resolve a relative path against the launch directory (Hydra may have changed the working dir)."""
+    try:
+        from hydra.utils import to_absolute_path
+
+        return to_absolute_path(path)
+    except Exception:  # no hydra, or hydra not initialised in a way it can answer
+        return os.path.abspath(path)
+
+
+def _load_pretrained(spec: ModelSpec, where: str | Path, local: bool) -> tuple[torch.nn.Module, Any]:
+    """`from_pretrained` for a local directory or a hub id, errors wrapped into ConfigError."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    offline = local or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "local_files_only": offline}
+    with embedded.wrap_errors("the tokenizer", where):
+        tokenizer = AutoTokenizer.from_pretrained(str(where), **common)
+    kwargs: dict[str, Any] = {**common, "dtype": spec.torch_dtype}
+    auto = AutoModelForCausalLM
+    if spec.architecture == "sequence_classification":
+        auto, kwargs["num_labels"] = AutoModelForSequenceClassification, spec.num_labels
+    with embedded.wrap_errors("the model", where), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)  # a new head (classification) is initialised deterministically
+        model = auto.from_pretrained(str(where), **kwargs)
+    _ensure_pad_token(model, tokenizer)
+    return model.eval(), tokenizer
+
+
+def _load_random(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
+    """A seeded random Llama (`random:<preset>`) with the embedded SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer
+
+    directory = embedded.tokenizer_dir()
+    with embedded.wrap_errors("the tokenizer", directory):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    _ensure_pad_token(None, tokenizer)
+    config = tiny.random_llama_config(spec.source, spec.random_config, tokenizer)
+    model = tiny.build_random_model(config, spec.architecture, spec.num_labels, spec.seed)
+    model.config.name_or_path = spec.name_or_path
+    return model.to(spec.torch_dtype), tokenizer
+
+
+def _ensure_pad_token(model: torch.nn.Module | None, tokenizer: Any) -> None:
+    """Give the tokenizer a pad token (eos) if it has none, and the model config the pad id if missing."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id

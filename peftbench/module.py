@@ -1,0 +1,107 @@
+"""The one LightningModule: trains any method on any task, without knowing which.
+
+It asks the method for its parameter groups and calls its after-step hook; it asks the task for the
+loss and the per-example metrics. There is no branch on a method's or a task's name here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from peftbench.memory import peak_bytes, reset_peak
+from peftbench.methods.base import PeftMethod, check_groups_cover
+from peftbench.optim import build_optimizer, lr_lambda
+
+
+class PeftModule(L.LightningModule):
+    """Fine-tunes `model` with `method` on `task`; logs `train/loss`, `val/*`, `test/*`, tokens/s, memory."""
+
+    def __init__(self, model: nn.Module, method: PeftMethod, task: Any, optim: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.task = task
+        self.optim = optim
+        self.loss_history: list[tuple[int, float]] = []
+        self.val_history: list[dict[str, float]] = []
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self.peak_train_bytes = 0
+        self._step_started = 0.0
+        self._scores: dict[str, list[float]] = defaultdict(list)
+        self._losses: list[tuple[float, int]] = []
+
+    # ----- training ---------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self.model.train()  # a test-before-training pass leaves the model in eval mode
+        reset_peak(self.device)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.task.loss(self.model, batch)
+        self.train_tokens += int(batch["attention_mask"].sum())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_seconds += time.perf_counter() - self._step_started
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.loss_history.append((self.global_step, float(loss.detach())))
+        self.peak_train_bytes = max(self.peak_train_bytes, peak_bytes(self.device))
+        if self.train_seconds > 0:
+            self.log("train/tokens_per_s", self.train_tokens / self.train_seconds, on_step=True)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.method.after_optimizer_step(self.model, self.trainer.global_step)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self.method.param_groups(self.model, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        check_groups_cover(groups, self.model)
+        optimizer = build_optimizer(groups, self.optim)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(self.optim.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.optim.schedule, total, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- evaluation -------------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        loss, n_tokens = self.task.loss(self.model, batch)
+        self._losses.append((float(loss), n_tokens))
+        for key, values in self.task.evaluate(self.model, batch).items():
+            self._scores[key] += values
+
+    def _eval_epoch_end(self, prefix: str) -> dict[str, float]:
+        metrics = {f"{prefix}/{k}": sum(v) / len(v) for k, v in self._scores.items() if v}
+        tokens = sum(n for _, n in self._losses)
+        if tokens:
+            metrics[f"{prefix}/loss"] = sum(loss * n for loss, n in self._losses) / tokens
+        self._scores.clear()
+        self._losses.clear()
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key.endswith(self.task.primary_metric))
+        return metrics
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._eval_epoch_end("val")
+        if not self.trainer.sanity_checking:
+            self.val_history.append({"step": self.global_step, **metrics})
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")

