@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from pathlib import Path
 
@@ -15,10 +16,8 @@ def reset_peak(device: torch.device) -> None:
         return
     clear_refs = Path("/proc/self/clear_refs")
     if clear_refs.exists():
-        try:
+        with contextlib.suppress(OSError):
             clear_refs.write_text("5")  # Linux: reset the peak resident set size to the current one
-        except OSError:
-            pass
 
 
 def peak_bytes(device: torch.device) -> int:

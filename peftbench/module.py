@@ -71,7 +71,9 @@ class PeftModule(L.LightningModule):
         optimizer = build_optimizer(groups, self.optim)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = math.ceil(self.optim.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.optim.schedule, total, warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.optim.schedule, total, warmup)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- evaluation -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Hydra entry point: compose -> load model -> apply method -> fit -> test -> record.
 
-    python -m peftbench.run method=vera task=summarization
-    python -m peftbench.run -m method=lora,lora_fa,vera seed=0,1,2
+python -m peftbench.run method=vera task=summarization
+python -m peftbench.run -m method=lora,lora_fa,vera seed=0,1,2
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def train_and_record(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     task.setup(tokenizer, cfg.seed)
     base_report = parameter_report(model)
     method.apply(model)
-    params = {**parameter_report(model, base_total=base_report["total"]), "base_modified": method.modifies_base}
+    params = {
+        **parameter_report(model, base_total=base_report["total"]),
+        "base_modified": method.modifies_base,
+    }
 
     flat_config = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(cfg, run_dir, flat_config)
@@ -186,7 +189,9 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except Exception as err:
         if _is_multirun():
-            print(f"error: run failed and was recorded as failed: {type(err).__name__}: {err}", file=sys.stderr)
+            print(
+                f"error: run failed and was recorded as failed: {type(err).__name__}: {err}", file=sys.stderr
+            )
             return None
         raise
     return record["metrics"].get(record["primary_metric"])

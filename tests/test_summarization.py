@@ -243,3 +243,32 @@ def test_setup_on_bbc_news_with_a_train_cap(tokenizer: Any) -> None:
     assert task.stats["duplicates_dropped"] == 137 and task.stats["source_non_utf8"] == 1
     batch = next(iter(task.train_dataloader(batch_size=4)))
     assert batch["input_ids"].shape[1] <= 48 + 64 + 32  # source cap + chat template + target cap
+
+
+def test_target_token_loss_equals_the_full_logits_loss() -> None:
+    """The head-on-labelled-positions shortcut computes exactly the loss of the full logits."""
+    from peftbench.tasks.objectives import causal_lm_loss, target_token_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+        )
+    ).eval()
+    input_ids = torch.randint(0, 50, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -3:] = 0
+    labels = input_ids.clone()
+    labels[:, :6] = -100
+    labels[attention_mask == 0] = -100
+    fast, n_fast = target_token_loss(model, input_ids, attention_mask, labels)
+    full, n_full = causal_lm_loss(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+    assert n_fast == n_full == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
+    fast.backward()
+    assert model.lm_head.weight.grad is not None

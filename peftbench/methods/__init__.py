@@ -1,6 +1,17 @@
 """PEFT methods, one file each; importing this package registers all of them."""
 
-from peftbench.methods import lora  # noqa: F401
+from peftbench.methods import (  # noqa: F401  (each module registers its method)
+    bitfit,
+    delta_lora,
+    full,
+    ln_tuning,
+    lora,
+    lora_fa,
+    lora_plus,
+    partial,
+    qlora,
+    vera,
+)
 from peftbench.methods.base import AdapterLayer, PeftMethod, check_groups_cover
 from peftbench.methods.registry import METHODS, build_method
 

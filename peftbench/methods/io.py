@@ -40,7 +40,9 @@ def read_method(path: str | Path) -> PeftMethod:
     if path.is_dir():
         path = path / ADAPTER_FILE
     if not path.exists():
-        raise ConfigError(f"adapter={str(path)!r} does not exist; accepted: a directory holding {ADAPTER_FILE}")
+        raise ConfigError(
+            f"adapter={str(path)!r} does not exist; accepted: a directory holding {ADAPTER_FILE}"
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

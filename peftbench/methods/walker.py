@@ -33,10 +33,9 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     heads: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
+    head_names = {"lm_head", "score", "classifier", "cls"}
     for name, module in model.named_modules():
-        if out is not None and module is out:
-            heads.add(name)
-        elif name.split(".")[-1] in {"lm_head", "score", "classifier", "cls"}:
+        if (out is not None and module is out) or name.split(".")[-1] in head_names:
             heads.add(name)
     return heads
 
@@ -96,9 +95,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrap_targets(
-    model: nn.Module, names: Sequence[str], wrap: Callable[[str, nn.Module], nn.Module]
-) -> None:
+def wrap_targets(model: nn.Module, names: Sequence[str], wrap: Callable[[str, nn.Module], nn.Module]) -> None:
     """Replace each named layer by `wrap(name, layer)`, keeping the layer's train/eval mode."""
     for name in names:
         old = model.get_submodule(name)

@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch
-from peftbench.tasks.collate import IGNORE_INDEX, CausalLMCollator, Encoded, encode_examples, pad_token_id
+from peftbench.tasks.collate import CausalLMCollator, Encoded, encode_examples, pad_token_id
+from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.rouge import rouge_scores
 from peftbench.tasks.sources import BBC_NEWS, load_source, map_columns
 from peftbench.tasks.splits import check_split_spec, split_records
@@ -30,19 +30,6 @@ def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"task.{name}={value!r} is not valid; accepted: an integer >= 1")
     return value
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over positions whose label is not -100, and their count.
-
-    Position t predicts labels[t + 1]; only the selected rows of the logits are cast to float32.
-    """
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    n_tokens = int(mask.sum())
-    selected = logits[:, :-1][mask].float()
-    loss = F.cross_entropy(selected, shift_labels[mask], reduction="sum") / max(n_tokens, 1)
-    return loss, n_tokens
 
 
 class SummarizationTask:
@@ -170,10 +157,7 @@ class SummarizationTask:
     # ---- objective and metrics -----------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over target tokens (labels != -100), and the number of target tokens."""
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        return causal_lm_loss(logits, batch["labels"])
+        return target_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     @torch.no_grad()
     def generate(self, model: Any, batch: Batch) -> list[str]:
