@@ -70,6 +70,7 @@ class PeftModule(L.LightningModule):
         check_groups_cover(groups, self.model)
         optimizer = build_optimizer(groups, self.optim)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.method.plan_training(total)
         warmup = math.ceil(self.optim.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.optim.schedule, total, warmup)

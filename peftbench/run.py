@@ -67,7 +67,9 @@ def train_and_record(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model, tokenizer = load_model(cfg.model)
     task.setup(tokenizer, cfg.seed)
     base_report = parameter_report(model)
-    method.apply(model)
+    head = task.head(model)
+    method.apply(model, head=head)
+    task.use_reference(lambda: method.disabled(model))
     params = {
         **parameter_report(model, base_total=base_report["total"]),
         "base_modified": method.modifies_base,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from peftbench.errors import ConfigError
@@ -16,13 +15,14 @@ from peftbench.methods import build_method, check_groups_cover
 from peftbench.methods.io import load_adapter, save_adapter
 from peftbench.methods.ln_tuning import is_norm
 from peftbench.methods.partial import find_blocks
+from peftbench.methods.registry import method_config_file
 from tests.helpers import clone_model, tiny_llama, token_batch
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 
 
 def method(name: str, **overrides):
-    return build_method({**OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")), **overrides})
+    return build_method({**method_config_file(CONF / f"{name}.yaml"), **overrides})
 
 
 def trainable_ids(model: nn.Module) -> set[int]:

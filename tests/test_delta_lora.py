@@ -113,7 +113,7 @@ def test_dropout_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("warmup_steps", -1), ("warmup_steps", 0.1), ("update_ratio", -1.0)]
+    ("key", "value"), [("warmup_steps", -1), ("warmup_steps", 1.5), ("update_ratio", -1.0)]
 )
 def test_validate_rejects_bad_values(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=rf"method\.{key}"):
@@ -129,3 +129,30 @@ def test_quantized_base_is_rejected() -> None:
     )
     with pytest.raises(ConfigError, match="quantized"):
         build_method({"name": "delta_lora"}).apply(model)
+
+
+def test_fractional_warmup_is_resolved_against_the_run_length() -> None:
+    """`warmup_steps: 0.25` on a 8-step run: W0 moves from step 3 on (K = 2), not before."""
+    model = tiny_llama()
+    method = build_method({"name": "delta_lora", "r": 2, "warmup_steps": 0.25})
+    method.apply(model)
+    method.plan_training(8)
+    layer = next(m for m in model.modules() if isinstance(m, DeltaLoRALinear))
+    opt = torch.optim.AdamW(method.param_groups(model, lr=1e-2, weight_decay=0.0))
+    moved = []
+    for step in range(1, 5):
+        before = layer.base.weight.detach().clone()
+        model(token_batch(), labels=token_batch()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_optimizer_step(model, step)
+        moved.append(not torch.equal(before, layer.base.weight))
+    assert moved == [False, False, True, True]
+
+
+def test_fraction_without_a_plan_is_an_error() -> None:
+    method = build_method({"name": "delta_lora", "r": 2, "warmup_steps": 0.5})
+    model = tiny_llama()
+    method.apply(model)
+    with pytest.raises(RuntimeError, match="plan_training"):
+        method.after_optimizer_step(model, 1)

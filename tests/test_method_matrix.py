@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from peftbench.methods import METHODS, build_method, check_groups_cover
 from peftbench.methods.io import load_adapter, save_adapter
+from peftbench.methods.registry import method_config_file
 from peftbench.methods.walker import linear_layer_names
 from tests.helpers import clone_model, tiny_llama, token_batch
 
@@ -60,7 +60,7 @@ ROWS: dict[str, Row] = {
 
 
 def method_config(name: str) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+    cfg = method_config_file(CONF / f"{name}.yaml")
     return {**cfg, **ROWS[name].overrides}
 
 

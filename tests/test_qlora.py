@@ -9,13 +9,13 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftbench.errors import ConfigError
 from peftbench.methods import build_method, qlora
 from peftbench.methods.lora import LoRALinear, base_weight
+from peftbench.methods.registry import method_config_file
 from peftbench.methods.walker import linear_layer_names
 from peftbench.models.params import count_parameters, parameter_bytes
 from tests.helpers import clone_model, tiny_llama, token_batch
@@ -24,7 +24,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "qlora.yaml"
 
 
 def yaml_config(**overrides) -> dict:
-    return {**OmegaConf.to_container(OmegaConf.load(CONF)), **overrides}
+    return {**method_config_file(CONF), **overrides}
 
 
 def apply_qlora(model: nn.Module, seed: int = 0, **overrides) -> tuple[nn.Module, object]:

@@ -99,7 +99,7 @@ def test_unknown_group_option_names_the_accepted_ones(tmp_path: Path) -> None:
 def test_build_method_rejects_unknown_names_and_keys() -> None:
     with pytest.raises(ConfigError, match=r"method='nosuch'"):
         build_method({"name": "nosuch"})
-    with pytest.raises(ConfigError, match="method.rank"):
+    with pytest.raises(ConfigError, match=r"method.rank"):
         build_method({"name": "lora", "rank": 4})
 
 

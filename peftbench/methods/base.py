@@ -105,6 +105,9 @@ class PeftMethod:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": "all"}]
 
+    def plan_training(self, total_steps: int) -> None:
+        """Told the run's number of optimizer steps before training (for schedules given as fractions)."""
+
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called after every real optimizer step (not after accumulation micro-steps)."""
 

@@ -9,9 +9,9 @@ The delta is formed from the post-step A, B and a copy of the previous ones, in 
 an fp32 master copy (a persistent buffer) and gets the rounded value written back, so small deltas are not
 lost. The modified W0 (and its master) go into the adapter file, so a reload is exact.
 
-K counts optimizer steps (the `step` passed to `after_optimizer_step`: the number of steps done). There is
-no fraction-of-the-run form: the method does not know the run length, so for short runs set
-``method.warmup_steps`` to a fraction of ``trainer.max_steps`` yourself (e.g. 10%).
+K counts optimizer steps (the `step` passed to `after_optimizer_step`: the number of steps done). For short
+runs K may be given as a fraction of the run: ``warmup_steps: 0.1`` means 10% of the optimizer steps (the
+trainer tells the method the run length through `plan_training`); an integer is an absolute step count.
 """
 
 from __future__ import annotations
@@ -97,7 +97,10 @@ class DeltaLoRA(LoRA):
 
     dropout: float = 0.0
     update_ratio: float = 2.0
-    warmup_steps: int = 500
+    warmup_steps: int | float = 500
+
+    def __post_init__(self) -> None:
+        self._k: int | None = self.warmup_steps if isinstance(self.warmup_steps, int) else None
 
     def validate(self) -> None:
         super().validate()
@@ -114,9 +117,13 @@ class DeltaLoRA(LoRA):
         ):
             raise bad_value("method.update_ratio", ratio, "a finite number >= 0 (paper: 2)")
         steps = self.warmup_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        is_count = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0
+        is_fraction = isinstance(steps, float) and 0 <= steps < 1
+        if not (is_count or is_fraction):
             raise bad_value(
-                "method.warmup_steps", steps, "an integer >= 0 (optimizer steps before W0 updates)"
+                "method.warmup_steps",
+                steps,
+                "an integer >= 0 (optimizer steps before W0 updates) or a fraction of the run in [0, 1)",
             )
 
     def attach(self, model: nn.Module) -> None:
@@ -133,9 +140,16 @@ class DeltaLoRA(LoRA):
     def make_layer(self, base: nn.Module) -> AdapterLayer:
         return DeltaLoRALinear(base, self.r, self.alpha, self.rslora)
 
+    def plan_training(self, total_steps: int) -> None:
+        """Resolve a fractional ``warmup_steps`` against the run's optimizer steps."""
+        if isinstance(self.warmup_steps, float):
+            self._k = round(self.warmup_steps * total_steps)
+
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """After optimizer step number `step` (1-based): update W0 when ``step > warmup_steps``."""
-        ratio = self.update_ratio if step > self.warmup_steps else 0.0
+        if self._k is None:
+            raise RuntimeError("warmup_steps is a fraction of the run: call plan_training(total_steps) first")
+        ratio = self.update_ratio if step > self._k else 0.0
         for layer in self.layers(model):
             layer.apply_delta(ratio)
 

@@ -38,3 +38,11 @@ def build_method(cfg: Mapping[str, Any]) -> Any:
     method = cls(**cfg)
     method.validate()
     return method
+
+
+def method_config_file(path: Any) -> dict[str, Any]:
+    """The `method` section of a `conf/method/<name>.yaml` file, as build_method takes it."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return dict(cfg["method"]) if "method" in cfg else dict(cfg)

@@ -6,6 +6,8 @@ metrics (`evaluate`, per example; the module averages). It never sees the PEFT m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -52,4 +54,14 @@ class Task(Protocol):
 
     def split_sizes(self) -> dict[str, int]:
         """Number of examples in each split: `{"train": n, "val": n, "test": n}`."""
+        ...
+
+    def head(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The task's own trainable head (e.g. a classifier), trained beside the method's parameters and
+        counted separately; `None` when the task adds none. Called before the method is applied."""
+        ...
+
+    def use_reference(self, reference: Callable[[], AbstractContextManager[torch.nn.Module]]) -> None:
+        """Receive a context factory that runs the model as its frozen reference (adapters disabled),
+        for objectives that compare against the untuned model (DPO). Most tasks ignore it."""
         ...

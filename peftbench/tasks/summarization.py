@@ -123,6 +123,13 @@ class SummarizationTask:
         }
         log.info("%s from %s: %s", self.name, raw.origin, self.stats)
 
+    def head(self, model: torch.nn.Module) -> None:
+        """Summarization trains no head of its own (the LM head generates)."""
+        return None
+
+    def use_reference(self, reference: Any) -> None:
+        """Summarization's objective needs no reference model."""
+
     def split_sizes(self) -> dict[str, int]:
         """`{"train": n, "val": n, "test": n}` (zeros before `setup`)."""
         return {part: len(self._data.get(part, [])) for part in ("train", "val", "test")}
