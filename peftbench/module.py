@@ -20,6 +20,19 @@ from peftbench.methods.base import PeftMethod, check_groups_cover
 from peftbench.optim import build_optimizer, lr_lambda
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf: stop at that step, say where and what to try."""
+
+    def __init__(self, step: int, history: list[tuple[int, float]], lr: float) -> None:
+        last = f"{history[-1][1]:.4f} at step {history[-1][0]}" if history else "none (first step)"
+        super().__init__(
+            f"non-finite loss at step {step} (last finite loss: {last}); likely cause: the learning rate "
+            f"optim.lr={lr} is too high for this method, or fp16 overflow: lower optim.lr, use bf16 or "
+            "fp32 precision, or clip gradients (trainer.gradient_clip_val)"
+        )
+        self.step = step
+
+
 class PeftModule(L.LightningModule):
     """Fine-tunes `model` with `method` on `task`; logs `train/loss`, `val/*`, `test/*`, tokens/s, memory."""
 
@@ -48,6 +61,8 @@ class PeftModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, _ = self.task.loss(self.model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self.global_step, self.loss_history, self.optim.lr)
         self.train_tokens += int(batch["attention_mask"].sum())
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         return loss

@@ -150,6 +150,19 @@ def run_id(cfg: DictConfig) -> str:
     return f"{cfg.study}-{cfg.method.name}-{cfg.task.name}-seed{cfg.seed}-{uuid.uuid4().hex[:8]}"
 
 
+def failure_kind(err: BaseException) -> str:
+    """A short machine-readable failure class for the results record."""
+    from peftbench.module import NonFiniteLossError
+
+    if isinstance(err, ConfigError):
+        return "config"
+    if isinstance(err, NonFiniteLossError):
+        return "nan"
+    if "out of memory" in str(err).lower() or isinstance(err, MemoryError):
+        return "oom"
+    return "error"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and record one run; a failure is recorded too (status `failed`, the error) and re-raised."""
     from peftbench.records import environment, write_record
@@ -162,6 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record = {
             "run_id": run_id(cfg),
             "status": "failed",
+            "failure": failure_kind(err),
             "error": f"{type(err).__name__}: {err}",
             "study": cfg.study,
             "method": cfg.method.get("name"),
@@ -199,5 +213,17 @@ def main(cfg: DictConfig) -> float | None:
     return record["metrics"].get(record["primary_metric"])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m peftbench.run` / `peftbench`: check group names first, then hand over to Hydra."""
+    from peftbench.cli_checks import check_group_overrides
+
+    try:
+        check_group_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -90,10 +90,14 @@ def test_bad_input_is_one_clear_line_before_training(override: str, needle: str,
     assert record["status"] == "failed" and needle in record["error"]
 
 
-def test_unknown_group_option_names_the_accepted_ones(tmp_path: Path) -> None:
-    result = run_cli(["method=nosuchmethod"], tmp_path)
-    assert result.returncode != 0
-    assert "nosuchmethod" in result.stderr and "lora" in result.stderr
+@pytest.mark.parametrize(
+    "override", ["method=nosuchmethod", "model=nosuchmethod", "task=nosuchmethod", "method=lora,nosuchmethod"]
+)
+def test_unknown_group_option_is_one_line_naming_the_accepted_ones(override: str, tmp_path: Path) -> None:
+    result = run_cli([override], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nosuchmethod" in lines[0] and "accepted:" in lines[0], result.stderr
 
 
 def test_build_method_rejects_unknown_names_and_keys() -> None:
@@ -143,3 +147,23 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
         [sys.executable, "-m", "peftbench.run", "--help"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert helped.returncode == 0 and "method: " in helped.stdout
+
+
+def test_non_finite_loss_stops_the_run_and_is_recorded(tmp_path: Path) -> None:
+    """An absurd learning rate drives the loss to inf/NaN: the run stops with the step and a cause."""
+    result = run_cli(
+        [
+            *TINY,
+            "logger=none",
+            "evaluate_before=false",
+            "optim.lr=1e12",
+            "trainer.max_steps=6",
+            "trainer.gradient_clip_val=null",
+            "method=full",
+        ],
+        tmp_path,
+    )
+    assert result.returncode != 0
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "failed" and record["failure"] == "nan", record.get("error")
+    assert "non-finite loss at step" in record["error"] and "optim.lr" in record["error"]
