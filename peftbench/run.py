@@ -50,6 +50,7 @@ def train_and_record(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from peftbench.optim import check_optim_config
     from peftbench.progress import build_callbacks
     from peftbench.summary import parameter_report
+    from peftbench.untuned import untuned_metrics
 
     started = time.perf_counter()
     run_dir = _run_dir()
@@ -89,9 +90,15 @@ def train_and_record(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     test_loader = task.test_dataloader(cfg.batch_size)
     if cfg.evaluate_before:
         t0 = time.perf_counter()
-        before = trainer.test(module, dataloaders=test_loader, verbose=False)[0]
-        metrics |= {k.replace("test/", "test_before/"): float(v) for k, v in before.items()}
+
+        def evaluate_untuned() -> dict[str, float]:
+            before = trainer.test(module, dataloaders=test_loader, verbose=False)[0]
+            return {k.replace("test/", "test_before/"): float(v) for k, v in before.items()}
+
+        before, reused = untuned_metrics(cfg, method, evaluate_untuned)
+        metrics |= before
         timings["eval_before_s"] = time.perf_counter() - t0
+        timings["eval_before_reused"] = reused
     t0 = time.perf_counter()
     trainer.fit(
         module,

@@ -126,6 +126,20 @@ def test_end_to_end_run_writes_a_record(tmp_path: Path) -> None:
     assert list((tmp_path / "run").glob("wandb/offline-run-*")), "no offline W&B run was written"
 
 
+def test_untuned_score_is_measured_once_per_study(tmp_path: Path) -> None:
+    """A second run of the same study reuses the first run's untuned test metrics."""
+    first = run_cli([*TINY, "study=once", "logger=none"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    record_1 = json.loads((tmp_path / "run" / "record.json").read_text())
+    second = run_cli([*TINY, "study=once", "logger=none", "seed=1", "method=lora_plus"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    record_2 = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record_1["time"]["eval_before_reused"] is False and record_2["time"]["eval_before_reused"] is True
+    before = {k: v for k, v in record_1["metrics"].items() if k.startswith("test_before/")}
+    assert before and all(record_2["metrics"][k] == v for k, v in before.items())
+    assert len(list((tmp_path / "once" / "untuned").glob("*.json"))) == 1
+
+
 def test_fast_dev_run(tmp_path: Path) -> None:
     result = run_cli([*TINY, "trainer.fast_dev_run=true", "evaluate_before=false"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
