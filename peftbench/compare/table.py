@@ -1,0 +1,285 @@
+"""Records -> one row per method: seeds, score mean ± 95% CI, paired delta vs a baseline, cost columns."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftbench.compare.stats import Estimate, PairedTest, mean_ci, paired_test, pareto_front
+from peftbench.errors import ConfigError, bad_value
+from peftbench.records import read_records
+
+DEFAULT_BASELINE = "lora"
+# Cost axes of the Pareto fronts: (key in MethodRow, axis label).
+COSTS = {
+    "trainable": "trainable parameters",
+    "peak_memory_bytes": "peak training memory (bytes)",
+    "step_s": "time per train step (s)",
+}
+
+
+@dataclass
+class MethodRow:
+    """One method's aggregate over its seeds. Cost columns are seed means (None when not recorded)."""
+
+    method: str
+    seeds_ok: list[int]
+    seeds_failed: list[int]
+    score: Estimate | None
+    delta: PairedTest | None
+    metrics: dict[str, Estimate]
+    before: Estimate | None
+    trainable: float | None = None
+    trainable_percent: float | None = None
+    adapter_bytes: float | None = None
+    base_modified: bool | None = None
+    peak_memory_bytes: float | None = None
+    step_s: float | None = None
+    tokens_per_s: float | None = None
+    total_s: float | None = None
+    steps: float | None = None
+    train_tokens: float | None = None
+    lr: float | None = None
+    method_config: dict[str, Any] = field(default_factory=dict)
+    on_front: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class StudySummary:
+    """Everything the report shows, in numbers (summary.json is `to_dict()`)."""
+
+    study: str
+    metric: str
+    higher_is_better: bool
+    baseline: str | None
+    rows: list[MethodRow]
+    failed: list[dict[str, Any]]
+    budget: dict[str, Any]
+    environment: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so summary.json is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def higher_is_better(metric: str) -> bool:
+    """Losses and perplexities go down; every other metric (ROUGE, accuracy, F1) goes up."""
+    return not any(word in metric for word in ("loss", "perplexity", "error"))
+
+
+def load_records(directory: Path | str) -> list[dict[str, Any]]:
+    """The records of one study under `directory`, deduplicated by run_id; ConfigError on bad input."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise bad_value("dir", str(directory), "an existing results or study directory")
+    unique = {r["run_id"]: r for r in read_records(directory)}
+    if not unique:
+        raise bad_value("dir", str(directory), "a directory holding run records (<run_id>.json)")
+    studies = sorted({str(r.get("study")) for r in unique.values()})
+    if len(studies) > 1:
+        raise bad_value("dir", str(directory), "one study's directory; it holds " + ", ".join(studies))
+    return sorted(unique.values(), key=lambda r: (str(r.get("method")), r.get("seed") or 0, r["run_id"]))
+
+
+def metrics_of(records: list[dict[str, Any]]) -> list[str]:
+    return sorted({k for r in records if r.get("status") == "ok" for k in r.get("metrics", {})})
+
+
+def methods_of(records: list[dict[str, Any]]) -> list[str]:
+    return sorted({str(r["method"]) for r in records if r.get("status") == "ok"})
+
+
+def _get(record: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(record, dict):
+            return None
+        record = record.get(key)  # type: ignore[assignment]
+    return record
+
+
+def _mean(values: list[Any]) -> float | None:
+    xs = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return math.fsum(xs) / len(xs) if xs else None
+
+
+def _latest_per_seed(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """One ok record per seed: a re-run of the same seed replaces the earlier one (later run_dir wins)."""
+    by_seed: dict[int, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: str(r.get("run_dir", ""))):
+        by_seed[int(r["seed"])] = r
+    return by_seed
+
+
+def _row(method: str, ok: dict[int, dict[str, Any]], failed: list[int], metric: str) -> MethodRow:
+    recs = list(ok.values())
+    test_keys = sorted({k for r in recs for k in r["metrics"] if k.startswith("test/")} | {metric})
+    metrics = {k: e for k in test_keys if (e := mean_ci([r["metrics"].get(k) for r in recs]))}
+    before_key = metric.replace("test/", "test_before/", 1)
+    modified = {_get(r, "params", "base_modified") for r in recs} - {None}
+    return MethodRow(
+        method=method,
+        seeds_ok=sorted(ok),
+        seeds_failed=sorted(set(failed) - set(ok)),
+        score=metrics.get(metric),
+        delta=None,
+        metrics=metrics,
+        before=mean_ci([r["metrics"].get(before_key) for r in recs]) if before_key != metric else None,
+        trainable=_mean([_get(r, "params", "trainable") for r in recs]),
+        trainable_percent=_mean([_get(r, "params", "trainable_percent") for r in recs]),
+        adapter_bytes=_mean([_get(r, "params", "adapter_bytes") for r in recs]),
+        base_modified=any(modified) if modified else None,
+        peak_memory_bytes=_mean([_get(r, "memory", "peak_train_bytes") for r in recs]),
+        step_s=_mean([_get(r, "time", "train_step_s") for r in recs]),
+        tokens_per_s=_mean([r.get("tokens_per_s") for r in recs]),
+        total_s=_mean([_get(r, "time", "total_s") for r in recs]),
+        steps=_mean([r.get("steps") for r in recs]),
+        train_tokens=_mean([r.get("train_tokens") for r in recs]),
+        lr=_mean([_get(r, "config", "optim", "lr") for r in recs]),
+        method_config=dict(recs[0].get("method_config") or {}) if recs else {},
+    )
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    return sorted({v for v in values if v is not None}, key=str)
+
+
+def budget(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training budget every ok run was given, from the resolved configs (lists when they differ)."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    spec = {
+        "max_steps": ("config", "trainer", "max_steps"),
+        "max_epochs": ("config", "trainer", "max_epochs"),
+        "batch_size": ("config", "batch_size"),
+        "accumulate_grad_batches": ("config", "trainer", "accumulate_grad_batches"),
+        "precision": ("config", "trainer", "precision"),
+        "train_examples": ("data", "train"),
+        "steps_taken": ("steps",),
+        "train_tokens": ("train_tokens",),
+    }
+    out: dict[str, Any] = {}
+    for name, path in spec.items():
+        values = _distinct([_get(r, *path) for r in ok])
+        out[name] = values[0] if len(values) == 1 else values or None
+    out["equal"] = all(not isinstance(out[k], list) for k in ("max_steps", "batch_size", "steps_taken"))
+    out["models"] = _distinct([r.get("model") for r in records])
+    out["tasks"] = _distinct([r.get("task") for r in records])
+    return out
+
+
+def environment(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Devices, hosts, commits and package versions of the runs (each value joined when they differ)."""
+    ok = [r for r in records if r.get("status") == "ok"] or records
+    devices = _distinct([_get(r, "memory", "device_name") or _get(r, "env", "device") for r in ok])
+    versions: dict[str, list[Any]] = defaultdict(list)
+    for r in ok:
+        for k, v in (_get(r, "env", "versions") or {}).items():
+            versions[k].append(v)
+    return {
+        "devices": devices,
+        "hosts": _distinct([_get(r, "env", "host") for r in ok]),
+        "git_commits": _distinct([_get(r, "env", "git_commit") for r in ok]),
+        "versions": {k: " / ".join(map(str, _distinct(v))) or None for k, v in sorted(versions.items())},
+    }
+
+
+def summarize(
+    records: list[dict[str, Any]], metric: str | None = None, baseline: str | None = None
+) -> StudySummary:
+    """Aggregate one study's records. `metric` defaults to the records' primary metric, `baseline` to
+    lora when present. ConfigError (naming the accepted values) for an unknown metric or baseline."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    methods, metrics = methods_of(records), metrics_of(records)
+    if not ok:
+        raise bad_value("dir", "(all runs failed)", "a study with at least one successful run")
+    metric = metric or max({r["primary_metric"] for r in ok}, key=[r["primary_metric"] for r in ok].count)
+    if metric not in metrics:
+        raise bad_value("metric", metric, metrics)
+    if baseline is not None and baseline not in methods:
+        raise bad_value("baseline", baseline, methods)
+    baseline = baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in methods else None)
+    failed_seeds: dict[str, list[int]] = defaultdict(list)
+    for r in records:
+        if r.get("status") != "ok":
+            failed_seeds[str(r.get("method"))].append(r.get("seed"))
+    rows = []
+    for method in sorted(set(methods) | set(failed_seeds)):
+        by_seed = _latest_per_seed([r for r in ok if r["method"] == method])
+        rows.append(_row(method, by_seed, failed_seeds.get(method, []), metric))
+    _add_deltas(rows, baseline, metric, ok)
+    up = higher_is_better(metric)
+    for key in COSTS:
+        scores = [r.score.mean if r.score else None for r in rows]
+        for row, on in zip(rows, pareto_front([getattr(r, key) for r in rows], scores, up), strict=True):
+            row.on_front[key] = on
+    sign = -1.0 if up else 1.0
+    rows.sort(key=lambda r: (r.score is None, sign * r.score.mean if r.score else 0.0, r.method))
+    failed = [
+        {k: r.get(k) for k in ("method", "seed", "run_id", "error")}
+        for r in records
+        if r.get("status") != "ok"
+    ]
+    study = str(records[0].get("study"))
+    return StudySummary(study, metric, up, baseline, rows, failed, budget(records), environment(records))
+
+
+def _add_deltas(rows: list[MethodRow], baseline: str | None, metric: str, ok: list[dict[str, Any]]) -> None:
+    if baseline is None:
+        return
+
+    def scores(method: str) -> dict[int, float]:
+        by_seed = _latest_per_seed([r for r in ok if r["method"] == method])
+        return {s: float(r["metrics"][metric]) for s, r in by_seed.items() if metric in r["metrics"]}
+
+    base = scores(baseline)
+    for row in rows:
+        if row.method != baseline:
+            row.delta = paired_test(scores(row.method), base)
+
+
+def load_study(
+    directory: Path | str, metric: str | None = None, baseline: str | None = None
+) -> tuple[list[dict[str, Any]], StudySummary]:
+    """Read a study directory and aggregate it: `(records, summary)`."""
+    records = load_records(directory)
+    return records, summarize(records, metric, baseline)
+
+
+def to_frame(summary: StudySummary) -> Any:
+    """The per-method numbers as a pandas DataFrame (for notebooks)."""
+    import pandas as pd
+
+    rows = []
+    for r in summary.rows:
+        rows.append(
+            {
+                "method": r.method,
+                "seeds_ok": len(r.seeds_ok),
+                "seeds_failed": len(r.seeds_failed),
+                summary.metric: r.score.mean if r.score else None,
+                "ci95": r.score.half_width if r.score else None,
+                "delta": r.delta.delta.mean if r.delta else None,
+                "p": r.delta.p if r.delta else None,
+                "trainable": r.trainable,
+                "trainable_%": r.trainable_percent,
+                "peak_memory_MiB": r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else None,
+                "step_s": r.step_s,
+                "tokens_per_s": r.tokens_per_s,
+            }
+        )
+    return pd.DataFrame(rows).set_index("method")
+
+
+__all__ = ["COSTS", "ConfigError", "MethodRow", "StudySummary", "load_records", "load_study", "summarize"]
