@@ -33,8 +33,19 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
 
 
+#: the key under which the module keeps its own bookkeeping in a Lightning checkpoint
+CHECKPOINT_KEY = "peftbench_module"
+
+
 class PeftModule(L.LightningModule):
-    """Fine-tunes `model` with `method` on `task`; logs `train/loss`, `val/*`, `test/*`, tokens/s, memory."""
+    """Fine-tunes `model` with `method` on `task`; logs `train/loss`, `val/*`, `test/*`, tokens/s, memory.
+
+    Checkpoints hold only what the method needs (`method.adapter_state_dict`: trainable tensors plus its
+    extra state), never the frozen base, so `strict_loading` is off: the base comes from `model` itself.
+    """
+
+    #: a checkpoint's `state_dict` holds the adapter only (see `on_save_checkpoint`)
+    strict_loading = False
 
     def __init__(self, model: nn.Module, method: PeftMethod, task: Any, optim: Any) -> None:
         super().__init__()
@@ -48,6 +59,7 @@ class PeftModule(L.LightningModule):
         self.train_seconds = 0.0
         self.peak_train_bytes = 0
         self._step_started = 0.0
+        self._pending_loss: torch.Tensor | None = None  # this batch's loss, until it is recorded
         self._scores: dict[str, list[float]] = defaultdict(list)
         self._losses: list[tuple[float, int]] = []
 
@@ -64,15 +76,25 @@ class PeftModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self.global_step, self.loss_history, self.optim.lr)
         self.train_tokens += int(batch["attention_mask"].sum())
+        self._pending_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _record_batch(self) -> None:
+        """Book the finished batch (loss, time, memory) once: at its `on_train_batch_end`, or earlier when a
+        checkpoint callback saves in the same hook (callbacks run before the module's hook)."""
+        if self._pending_loss is None:
+            return
         self.train_seconds += time.perf_counter() - self._step_started
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.loss_history.append((self.global_step, float(loss.detach())))
+        loss = self._pending_loss
+        if self.trainer.world_size > 1:  # every rank books this batch: the mean over ranks (what DDP trains)
+            loss = self.trainer.strategy.reduce(loss.clone(), reduce_op="mean")
+        self.loss_history.append((self.global_step, float(loss)))
         self.peak_train_bytes = max(self.peak_train_bytes, peak_bytes(self.device))
+        self._pending_loss = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._record_batch()
         if self.train_seconds > 0:
             self.log("train/tokens_per_s", self.train_tokens / self.train_seconds, on_step=True)
 
@@ -91,6 +113,35 @@ class PeftModule(L.LightningModule):
             optimizer, lr_lambda(self.optim.schedule, total, warmup)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the adapter (trainable tensors + the method's extra state) and the run's bookkeeping:
+        the frozen base is rebuilt from the model config on resume, never written."""
+        self._record_batch()
+        adapter = self.method.adapter_state_dict(self.model)
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in adapter.items()}
+        checkpoint[CHECKPOINT_KEY] = {
+            "loss_history": [(int(s), float(v)) for s, v in self.loss_history],
+            "val_history": [dict(h) for h in self.val_history],
+            "train_tokens": int(self.train_tokens),
+            "train_seconds": float(self.train_seconds),
+            "peak_train_bytes": int(self.peak_train_bytes),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Load the adapter through the method (its checks and its state sync, e.g. Delta-LoRA's A_t, B_t)
+        and restore the bookkeeping, so the record of a resumed run is complete."""
+        state = checkpoint.get("state_dict", {})
+        adapter = {k.removeprefix("model."): v for k, v in state.items()}
+        self.method.load_adapter_state_dict(self.model, adapter)
+        checkpoint["state_dict"] = {}  # loaded above; Lightning has nothing left to load
+        saved = checkpoint.get(CHECKPOINT_KEY, {})
+        self.loss_history = [(int(s), float(v)) for s, v in saved.get("loss_history", [])]
+        self.val_history = [dict(h) for h in saved.get("val_history", [])]
+        self.train_tokens = int(saved.get("train_tokens", 0))
+        self.train_seconds = float(saved.get("train_seconds", 0.0))
+        self.peak_train_bytes = int(saved.get("peak_train_bytes", 0))
 
     # ----- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:

@@ -8,10 +8,17 @@ from typing import Any
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Task
+from peftbench.tasks.classification import ClassificationTask
+from peftbench.tasks.instruction import InstructionTask
+from peftbench.tasks.preference import PreferenceTask
 from peftbench.tasks.summarization import SummarizationTask
 
 TASKS: dict[str, type] = {
     "summarization": SummarizationTask,
+    "classification": ClassificationTask,
+    "topic_classification": ClassificationTask,  # the same class; conf/task/topic_classification.yaml
+    "instruction": InstructionTask,
+    "preference": PreferenceTask,
 }
 
 
@@ -30,7 +37,7 @@ def build_task(cfg: Any) -> Task:
     params = {str(k): v for k, v in cfg.items() if not str(k).startswith("_")}
     name = params.get("name")
     if name not in TASKS:
-        raise ConfigError(f"task.name={name!r} is not valid; accepted: {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"task.name={name!r} is not valid; accepted: {', '.join(TASKS)}")
     cls = TASKS[name]
     accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
     unknown = sorted(set(params) - set(accepted))
@@ -41,4 +48,12 @@ def build_task(cfg: Any) -> Task:
     return cls(**params)
 
 
-__all__ = ["TASKS", "SummarizationTask", "Task", "build_task"]
+__all__ = [
+    "TASKS",
+    "ClassificationTask",
+    "InstructionTask",
+    "PreferenceTask",
+    "SummarizationTask",
+    "Task",
+    "build_task",
+]

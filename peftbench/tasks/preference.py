@@ -1,0 +1,336 @@
+"""Preference tuning with DPO (arXiv 2305.18290): pairs (prompt, chosen, rejected), loss in `dpo.py`.
+
+Default pairs, built deterministically from BBC News: the prompt asks for a headline for an article; the
+chosen response is the article's own headline, the rejected one the headline of ANOTHER article of the same
+section (the next article of that section, in content-hash order, within the same split). Articles are
+split first (dedupe + content hash, `splits.py`), so no article or headline crosses splits. Any local file or
+HF dataset with `prompt` / `chosen` / `rejected` columns works too (`pairing: columns`, or `auto`).
+
+The reference model is the one `run.py` hands over with `use_reference`: the same model with the method's
+adapters disabled (no second copy of the weights). Methods that train the base weights in place (full,
+partial, BitFit, LN tuning) cannot disable anything (`disabled()` raises ConfigError); for them a frozen deep
+copy of the model is taken at `use_reference` time, i.e. before any training step.
+
+Metrics on held-out pairs (x 100 for accuracies): `reward_accuracy` (primary: the chosen reward
+`beta * (lp_w - ref_w)` beats the rejected one), `reward_margin`, `chosen_reward`, `rejected_reward`,
+`logp_accuracy` (the policy alone gives the chosen response the higher summed log-prob), `probe_loss`.
+Before training, an adapter that starts as the identity gives margins of exactly 0 (reward accuracy 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from peftbench.errors import ConfigError
+from peftbench.tasks.base import Batch
+from peftbench.tasks.collate import IGNORE_INDEX, _pad, encode_examples, pad_token_id
+from peftbench.tasks.common import make_loader, positive_float, positive_int, require_causal_lm, require_eos
+from peftbench.tasks.dpo import DPOOutput, dpo_loss
+from peftbench.tasks.logprobs import response_logprobs
+from peftbench.tasks.probe import ForgettingProbe
+from peftbench.tasks.sources import BBC_NEWS, load_any_source, map_columns
+from peftbench.tasks.splits import check_split_spec, normalise, split_records
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Write a headline for this news article.\n\n{source}"
+PAIRINGS = ("auto", "same_group", "columns")
+
+
+@dataclass
+class PreferencePair:
+    """One tokenized pair: the shared prompt and the two responses (each ending in EOS)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+class PreferenceCollator:
+    """A batch of B pairs as 2B right-padded rows: rows [0, B) are prompt + chosen, rows [B, 2B) prompt +
+    rejected; `labels` is -100 on prompt and padding; `pairs` = B."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: Sequence[PreferencePair]) -> dict[str, Any]:
+        """Build the batch dict."""
+        responses = [ex.chosen_ids for ex in examples] + [ex.rejected_ids for ex in examples]
+        prompts = [ex.prompt_ids for ex in examples] * 2
+        full = [p + r for p, r in zip(prompts, responses, strict=True)]
+        labels = [[IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses, strict=True)]
+        return {
+            "input_ids": _pad(full, self.pad_id, left=False),
+            "attention_mask": _pad([[1] * len(row) for row in full], 0, left=False),
+            "labels": _pad(labels, IGNORE_INDEX, left=False),
+            "pairs": len(examples),
+        }
+
+
+def same_group_pairs(rows: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """Pairs from `{source, target, group}` rows: each row's target is chosen, the target of the next row of
+    the same group (in the given order, wrapping around) is rejected. Rows alone in their group, or whose
+    partner's target is the same text, give no pair (counted)."""
+    groups: dict[str, list[Mapping[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    pairs: list[dict[str, str]] = []
+    skipped = 0
+    for members in groups.values():
+        for i, row in enumerate(members):
+            other = members[(i + 1) % len(members)]
+            if len(members) < 2 or normalise(other["target"]) == normalise(row["target"]):
+                skipped += 1
+                continue
+            pairs.append({"prompt": row["source"], "chosen": row["target"], "rejected": other["target"]})
+    return pairs, skipped
+
+
+class PreferenceTask:
+    """DPO on preference pairs.
+
+    Args:
+        dataset: `bbc_news` (embedded), a Hugging Face dataset id, or a local dataset directory.
+        data_files: a local JSON/JSONL/CSV/TSV/Parquet file; when set it wins over `dataset`.
+        subset, hf_split: HF config name and the one split to read (it is re-split here).
+        pairing: `same_group` (build pairs from `source_column` / `target_column` / `group_column`),
+            `columns` (read `prompt_column` / `chosen_column` / `rejected_column`), or `auto` (columns when
+            the data has the chosen and rejected columns).
+        source_column, target_column, group_column: for `same_group`.
+        prompt_column, chosen_column, rejected_column: for `columns`.
+        beta: the DPO temperature (paper default 0.1).
+        max_source_tokens: the source (or the prompt, for `columns`) is cut to this many tokens.
+        max_target_tokens: each response is cut to this many tokens, EOS included.
+        split: `{val, test}` counts or fractions and `max_train`; the split is over sources / prompts.
+        eval_batch_size: pairs per val/test batch (overrides the caller's when set).
+        prompt: for `same_group`, the user prompt around `{source}`.
+        probe: the forgetting probe (`probe.py`); null disables it.
+    """
+
+    primary_metric = "reward_accuracy"
+
+    def __init__(
+        self,
+        name: str = "preference",
+        dataset: str = BBC_NEWS,
+        data_files: str | None = None,
+        subset: str | None = None,
+        hf_split: str = "train",
+        pairing: str = "auto",
+        source_column: str = "text",
+        target_column: str = "title",
+        group_column: str = "category",
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        beta: float = 0.1,
+        max_source_tokens: int = 128,
+        max_target_tokens: int = 32,
+        split: Mapping[str, Any] | None = None,
+        eval_batch_size: int | None = 16,
+        prompt: str = DEFAULT_PROMPT,
+        probe: Mapping[str, Any] | bool | None = True,
+    ) -> None:
+        self.name = name
+        self.dataset, self.data_files, self.subset, self.hf_split = dataset, data_files, subset, hf_split
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"task.pairing={pairing!r} is not valid; accepted: {', '.join(PAIRINGS)}")
+        self.pairing = pairing
+        self.group_columns = {"source": source_column, "target": target_column, "group": group_column}
+        self.pair_columns = {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
+        self.beta = positive_float("beta", beta)
+        self.max_source_tokens = positive_int("max_source_tokens", max_source_tokens)
+        self.max_target_tokens = positive_int("max_target_tokens", max_target_tokens)
+        self.eval_batch_size = (
+            None if eval_batch_size is None else positive_int("eval_batch_size", eval_batch_size)
+        )
+        self.split = check_split_spec(split if split is not None else {"val": 32, "test": 128})
+        if "{source}" not in prompt:
+            raise ConfigError(
+                f"task.prompt={prompt!r} is not valid; accepted: a template containing {{source}}"
+            )
+        self.prompt = prompt
+        self.probe = ForgettingProbe(probe)
+        self.stats: dict[str, int] = {}
+        self.reference_kind = "unset"
+        self._data: dict[str, list[PreferencePair]] = {}
+        self._tokenizer: Any = None
+        self._seed = 0
+        self._model: torch.nn.Module | None = None
+        self._reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None
+        self._frozen: torch.nn.Module | None = None
+        self._cache: tuple[Any, DPOOutput, torch.Tensor, torch.Tensor] | None = None
+
+    # ---- data -----------------------------------------------------------------------------------------
+    def _pairs(self) -> tuple[dict[str, list[dict[str, str]]], dict[str, int], str]:
+        """The pairs of each split, counts worth reporting, and the pairing used."""
+        raw = load_any_source(self.dataset, self.data_files, self.subset, self.hf_split)
+        pairing = self.pairing
+        if pairing == "auto":
+            has_pairs = {self.pair_columns["chosen"], self.pair_columns["rejected"]} <= set(raw.columns)
+            pairing = "columns" if has_pairs else "same_group"
+        stats = {"records_read": len(raw.records), **{f"source_{k}": v for k, v in raw.stats.items()}}
+        if pairing == "columns":
+            records, n_empty = map_columns(raw, self.pair_columns)
+            splits = split_records(records, key=lambda r: r["prompt"], **self.split)
+            parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+            return (
+                parts,
+                {**stats, "empty_dropped": n_empty, "duplicates_dropped": splits.n_duplicates},
+                pairing,
+            )
+        missing = [c for c in self.group_columns.values() if c not in raw.columns]
+        if missing:
+            raise ConfigError(
+                f"{raw.origin} has no column(s) {', '.join(map(repr, missing))} to build pairs from "
+                f"(task.source_column / target_column / group_column), and no "
+                f"{self.pair_columns['chosen']!r} / {self.pair_columns['rejected']!r} columns "
+                f"(task.chosen_column / rejected_column); columns: {', '.join(raw.columns)}"
+            )
+        records, n_empty = map_columns(raw, self.group_columns)
+        splits = split_records(records, key=lambda r: r["source"], **self.split)
+        parts, unpaired = {}, 0
+        for part, rows in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+            parts[part], skipped = same_group_pairs(rows)
+            unpaired += skipped
+        stats |= {"empty_dropped": n_empty, "duplicates_dropped": splits.n_duplicates, "unpaired": unpaired}
+        return parts, stats, pairing
+
+    def setup(self, tokenizer: Any, seed: int) -> None:
+        """Load or build the pairs, split, tokenize. Bad data raises ConfigError here."""
+        require_eos(tokenizer, self.name)
+        parts, stats, pairing = self._pairs()
+        for part in ("val", "test", "train"):
+            if not parts[part] and (part == "train" or self.split.get(part)):
+                raise ConfigError(f"task {self.name!r}: the {part} split has no preference pairs")
+        self._tokenizer, self._seed = tokenizer, seed
+        template = self.prompt if pairing == "same_group" else "{source}"  # a prompt column is used as is
+        for part, rows in parts.items():
+            sources = [r["prompt"] for r in rows]
+            chosen = encode_examples(
+                tokenizer,
+                template,
+                sources,
+                [r["chosen"] for r in rows],
+                self.max_source_tokens,
+                self.max_target_tokens,
+            )
+            rejected = encode_examples(
+                tokenizer,
+                template,
+                sources,
+                [r["rejected"] for r in rows],
+                self.max_source_tokens,
+                self.max_target_tokens,
+            )
+            self._data[part] = [
+                PreferencePair(c.prompt_ids, c.target_ids, r.target_ids)
+                for c, r in zip(chosen, rejected, strict=True)
+            ]
+        self.probe.setup(tokenizer)
+        self.stats = {**stats, **self.split_sizes()}
+        log.info("%s: %s", self.name, self.stats)
+
+    def head(self, model: torch.nn.Module) -> None:
+        """No head; checks the model is a causal LM and remembers it (for a frozen reference copy)."""
+        require_causal_lm(model, self.name)
+        self._model = model
+        return None
+
+    def use_reference(
+        self, reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]]
+    ) -> None:
+        """Use `reference` (the model with adapters disabled) if it can be entered; if it raises ConfigError
+        (a method without adapters), keep a frozen deep copy of the model as it is now (before training)."""
+        try:
+            with reference():
+                pass
+        except ConfigError as error:
+            if self._model is None:
+                raise ConfigError(
+                    f"task {self.name!r} needs a reference model and none is available ({error})"
+                ) from None
+            frozen = copy.deepcopy(self._model).eval()
+            for param in frozen.parameters():
+                param.requires_grad_(False)
+            self._frozen, self.reference_kind = frozen, "frozen_copy"
+            self._reference = lambda: contextlib.nullcontext(frozen)
+            log.info("%s: the method has no adapters to disable; DPO reference = a frozen copy", self.name)
+            return
+        self._reference, self.reference_kind = reference, "adapters_disabled"
+
+    @contextlib.contextmanager
+    def _reference_model(self, device: torch.device) -> Iterator[torch.nn.Module]:
+        if self._reference is None:
+            raise RuntimeError(f"{self.name}: call use_reference(factory) before computing the DPO loss")
+        with self._reference() as model:
+            if self._frozen is not None and next(self._frozen.parameters()).device != device:
+                self._frozen.to(device)  # Lightning moved the policy, not this copy
+            yield model
+
+    def split_sizes(self) -> dict[str, int]:
+        """Pairs per split: `{"train": n, "val": n, "test": n}` (zeros before `setup`)."""
+        return {part: len(self._data.get(part, [])) for part in ("train", "val", "test")}
+
+    def _loader(self, part: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if part not in self._data:
+            raise RuntimeError(
+                f"{self.name}: call setup(tokenizer, seed) before asking for the {part} loader"
+            )
+        collate = PreferenceCollator(pad_token_id(self._tokenizer))
+        return make_loader(self._data[part], batch_size, collate, shuffle, self._seed)
+
+    def train_dataloader(self, batch_size: int) -> DataLoader:
+        """Shuffled batches of `batch_size` pairs (2 x batch_size rows)."""
+        return self._loader("train", batch_size, shuffle=True)
+
+    def val_dataloader(self, batch_size: int) -> DataLoader:
+        """Validation pairs in a fixed order (`eval_batch_size` when set)."""
+        return self._loader("val", self.eval_batch_size or batch_size, shuffle=False)
+
+    def test_dataloader(self, batch_size: int) -> DataLoader:
+        """Test pairs in a fixed order (`eval_batch_size` when set)."""
+        return self._loader("test", self.eval_batch_size or batch_size, shuffle=False)
+
+    # ---- objective and metrics -----------------------------------------------------------------------
+    def _dpo(self, model: torch.nn.Module, batch: Batch) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
+        """DPO output, the policy's summed log-probs (2B,) and response token counts (2B,). In eval (no
+        grad) the result for the batch just seen is reused (the module calls `loss`, then `evaluate`)."""
+        grad = torch.is_grad_enabled()
+        if not grad and self._cache is not None and self._cache[0] is batch:
+            return self._cache[1:]
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        policy, counts = response_logprobs(model, ids, mask, labels)
+        with torch.no_grad(), self._reference_model(ids.device) as reference_model:
+            reference, _ = response_logprobs(reference_model, ids, mask, labels)
+        n = batch["pairs"]
+        out = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta)
+        self._cache = None if grad else (batch, out, policy.detach(), counts)
+        return out, policy, counts
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The mean DPO loss over the batch's pairs, and the number of response tokens (both responses)."""
+        out, _, counts = self._dpo(model, batch)
+        return out.loss, int(counts.sum())
+
+    def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[float]]:
+        """Per pair: reward accuracy and log-prob accuracy (x 100), reward margin, chosen/rejected rewards;
+        `probe_loss` once per pass."""
+        out, policy, _ = self._dpo(model, batch)
+        n = batch["pairs"]
+        return {
+            "reward_accuracy": (100.0 * (out.margins > 0).float()).tolist(),
+            "reward_margin": out.margins.tolist(),
+            "chosen_reward": out.chosen_rewards.tolist(),
+            "rejected_reward": out.rejected_rewards.tolist(),
+            "logp_accuracy": (100.0 * (policy[:n] > policy[n:]).float()).tolist(),
+            **self.probe.scores(model, batch),
+        }
