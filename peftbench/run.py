@@ -102,6 +102,7 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
     from peftbench.loggers import build_logger
     from peftbench.methods.io import save_adapter
     from peftbench.models import load_model
+    from peftbench.models.params import count_parameters
     from peftbench.module import PeftModule
     from peftbench.progress import build_callbacks
     from peftbench.records import redact
@@ -141,6 +142,7 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
     params = {
         **parameter_report(model, base_total=base_report["total"]),
         "base_modified": method.modifies_base,
+        "head_trainable": count_parameters(head, trainable_only=True) if head is not None else 0,
     }
     if resume is not None:
         expected = {f"model.{k}" for k in method.adapter_state_dict(model)}

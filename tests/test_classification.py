@@ -62,6 +62,16 @@ def test_splits_are_deterministic_disjoint_and_seed_free(tiny_model_and_tokenize
     assert a.labels == ["rotten", "fresh"] and a.num_labels == 2
 
 
+def test_topic_config_covers_every_bbc_section(tiny_model_and_tokenizer: Any) -> None:
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "task" / "topic_classification.yaml"))
+    cfg.update({"split": SMALL, "probe": None})
+    task = build_task(cfg)
+    task.setup(tiny_model_and_tokenizer[1], seed=0)
+    assert (
+        task.num_labels == 5 and task.stats["other_label_dropped"] == 0 and task.stats["records_read"] == 2225
+    )
+
+
 def test_local_file_with_label_discovery_and_clear_column_errors(
     tmp_path: Path, tiny_model_and_tokenizer: Any
 ):
@@ -85,6 +95,14 @@ def test_local_file_with_label_discovery_and_clear_column_errors(
     with pytest.raises(ConfigError, match=r"task.num_labels=2 but .* has 3 labels"):
         ClassificationTask(
             data_files=str(path), text_column="body", label_column="stars", num_labels=2, probe=None
+        ).setup(tokenizer, seed=0)
+    with pytest.raises(ConfigError, match=r"task.labels \['great'\] never occur in column 'stars'"):
+        ClassificationTask(
+            data_files=str(path),
+            text_column="body",
+            label_column="stars",
+            labels=["bad", "great"],
+            probe=None,
         ).setup(tokenizer, seed=0)
     with pytest.raises(ConfigError, match=r"task\.formulation='guess'"):
         ClassificationTask(formulation="guess")

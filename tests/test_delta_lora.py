@@ -156,3 +156,12 @@ def test_fraction_without_a_plan_is_an_error() -> None:
     method.apply(model)
     with pytest.raises(RuntimeError, match="plan_training"):
         method.after_optimizer_step(model, 1)
+
+
+def test_disabled_refuses_because_the_base_was_changed_in_place() -> None:
+    """After W0 updates, 'adapters off' is not the base model: a DPO reference must use a frozen copy."""
+    model = tiny_llama()
+    method = build_method({"name": "delta_lora", "r": 2, "warmup_steps": 0})
+    method.apply(model)
+    with pytest.raises(ConfigError, match="changes the base weights in place"), method.disabled(model):
+        pass

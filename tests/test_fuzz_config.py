@@ -1,5 +1,6 @@
-"""Property test over random command-line overrides: composed with Hydra's compose API (`validation.load_config`)
-and validated by the checks run.py does before training (`validation.validate_config`).
+"""Property test over random command-line overrides: composed with Hydra's compose API
+(`validation.load_config`) and validated by the checks run.py does before training
+(`validation.validate_config`).
 
 Valid overrides compose and validate; invalid ones raise a one-line ConfigError naming the key at fault;
 nothing raises anything else (no traceback for a typo). No model or data is loaded.

@@ -124,7 +124,15 @@ class PeftMethod:
 
     @contextlib.contextmanager
     def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Run the model without its adapters (e.g. the DPO reference model), restoring them after."""
+        """Run the model without its adapters (e.g. the DPO reference model), restoring them after.
+
+        A method that changes the base weights in place (`modifies_base`: full, partial, Delta-LoRA) has no
+        way back to the base function: it refuses, so callers keep a frozen copy instead."""
+        if self.modifies_base:
+            raise ConfigError(
+                f"method={self.name!r} changes the base weights in place: disabling its adapters does not "
+                "give the base model back; a reference model (e.g. for DPO) needs a frozen copy"
+            )
         layers = [layer for _, layer in adapter_layers(model)]
         previous = [layer.adapter_enabled for layer in layers]
         for layer in layers:

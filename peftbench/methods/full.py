@@ -7,9 +7,8 @@ LN tuning) instead of inserting adapter layers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -42,15 +41,6 @@ class BaseWeightsMethod(PeftMethod):
     modifies_base: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
-
-    @contextlib.contextmanager
-    def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
-        # The base default would silently yield the *trained* model as the "reference": refuse instead.
-        raise ConfigError(
-            f"method={self.name!r} trains the base weights in place: there is no adapter to disable; "
-            "a reference model (e.g. for DPO) needs a separate frozen copy of the base model"
-        )
-        yield model  # pragma: no cover - unreachable, keeps this a generator
 
 
 @register

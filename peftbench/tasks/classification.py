@@ -190,13 +190,14 @@ class ClassificationTask:
                 f"task.num_labels={self.num_labels} but {raw.origin} has {len(labels)} labels "
                 f"({', '.join(labels[:10])}); accepted: num_labels={len(labels)} (or list task.labels)"
             )
+        absent = [label for label in labels if label not in found]
+        if absent:
+            raise ConfigError(
+                f"task.labels {absent} never occur in column {self.label_column!r} of {raw.origin}; "
+                f"found: {', '.join(found[:10])}{', ...' if len(found) > 10 else ''}"
+            )
         index = {label: i for i, label in enumerate(labels)}
         kept = [r for r in records if r["label"] in index]
-        if not kept:
-            raise ConfigError(
-                f"none of task.labels={labels} occurs in column {self.label_column!r} of {raw.origin}; "
-                f"found: {', '.join(found[:10])}"
-            )
         if self.label_words and len(self.label_words) != len(labels):
             raise ConfigError(
                 f"task.label_words has {len(self.label_words)} entries for {len(labels)} labels "

@@ -5,7 +5,7 @@ one instruction TYPE per kind of request:
 - `headline`  (BBC News): "Write a headline for this news article." -> the article's title (ROUGE-L);
 - `sentiment` (Rotten Tomatoes): "Is this movie review positive or negative?" -> `positive`/`negative`
   (exact match);
-- `section`   (BBC News): "Which section ... business, entertainment, politics, sport or tech?" -> the
+- `section`   (BBC News): "Which section ... business, entertainment, politics, sports or tech?" -> the
   section (exact match);
 - `approach`  (ACLSum): "Summarise the approach of this paper in one sentence." + abstract -> the paper's
   approach summary (ROUGE-L).
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 MIXTURE = "mixture"
 FORMATS = ("auto", "alpaca", "messages")
-SECTIONS = "business, entertainment, politics, sport or tech"
+SECTIONS = "business, entertainment, politics, sports or tech"  # the BBC corpus's category names
 DEFAULT_HELD_OUT = ("section",)  # the mixture's type held out when `held_out_types` is null
 
 
