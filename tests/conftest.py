@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests use tiny models: one thread is faster than two (no OpenMP sync), and it keeps a shared 2-core
 # machine usable. Subprocesses (CLI tests) inherit it through the environment.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not os.environ.get("OMP_NUM_THREADS", "").isdigit():
+    os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
