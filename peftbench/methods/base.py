@@ -164,6 +164,14 @@ class PeftMethod:
             for key, value in state.items():
                 own[key].copy_(value.to(own[key].dtype))
 
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """The trained adapter in HF PEFT's format: the contents of ``adapter_config.json`` and the tensors
+        of ``adapter_model.safetensors`` (PEFT's key names), or None where PEFT has no such method.
+
+        `model` is the (unwrapped) transformers model the method was applied to. Written to disk by
+        `peftbench.export`; `peft.PeftModel.from_pretrained(base, dir)` must then give peftbench's logits."""
+        return None
+
     def hyperparameters(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
 
