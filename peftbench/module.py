@@ -1,7 +1,8 @@
 """The one LightningModule: trains any method on any task, without knowing which.
 
-It asks the method for its parameter groups and calls its after-step hook; it asks the task for the
-loss and the per-example metrics. There is no branch on a method's or a task's name here.
+It asks the method for its parameter groups and calls its after-step hook; it asks the task for the loss,
+the per-example values of each evaluation batch and, at the end of the pass, their aggregate. There is no
+branch on a method's or a task's name here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from peftbench.compiling import compile_in_place
 from peftbench.memory import peak_bytes, reset_peak
 from peftbench.methods.base import PeftMethod, check_groups_cover
 from peftbench.optim import build_optimizer, lr_lambda
@@ -47,8 +49,12 @@ class PeftModule(L.LightningModule):
     #: a checkpoint's `state_dict` holds the adapter only (see `on_save_checkpoint`)
     strict_loading = False
 
-    def __init__(self, model: nn.Module, method: PeftMethod, task: Any, optim: Any) -> None:
+    def __init__(
+        self, model: nn.Module, method: PeftMethod, task: Any, optim: Any, compile: bool = False
+    ) -> None:
         super().__init__()
+        self.compile_model = compile  # trainer.compile: torch.compile the model in place (configure_model)
+        self.compiled: list[str] = []  # what compile_in_place compiled
         self.model = model
         self.method = method
         self.task = task
@@ -60,8 +66,14 @@ class PeftModule(L.LightningModule):
         self.peak_train_bytes = 0
         self._step_started = 0.0
         self._pending_loss: torch.Tensor | None = None  # this batch's loss, until it is recorded
-        self._scores: dict[str, list[float]] = defaultdict(list)
+        self._scores: dict[str, list[Any]] = defaultdict(list)  # the pass's per-example values, by key
         self._losses: list[tuple[float, int]] = []
+
+    def configure_model(self) -> None:
+        """`trainer.compile=true`: compile the model's blocks in place, once (Lightning calls this before
+        every fit/validate/test), with the method's layers attached; names and checkpoints unchanged."""
+        if self.compile_model and not self.compiled:
+            self.compiled = compile_in_place(self.model)
 
     # ----- training ---------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -151,7 +163,10 @@ class PeftModule(L.LightningModule):
             self._scores[key] += values
 
     def _eval_epoch_end(self, prefix: str) -> dict[str, float]:
-        metrics = {f"{prefix}/{k}": sum(v) / len(v) for k, v in self._scores.items() if v}
+        """The pass's metrics: the task aggregates the per-example values gathered over the whole pass
+        (`Task.aggregate`: means, or corpus-level metrics such as macro-F1), plus the token-weighted loss."""
+        passed = {k: v for k, v in self._scores.items() if v}
+        metrics = {f"{prefix}/{k}": float(v) for k, v in self.task.aggregate(passed).items()}
         tokens = sum(n for _, n in self._losses)
         if tokens:
             metrics[f"{prefix}/loss"] = sum(loss * n for loss, n in self._losses) / tokens

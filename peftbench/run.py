@@ -22,16 +22,21 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from peftbench.errors import ConfigError
+from peftbench.tuned import objective, register_resolvers
 from peftbench.validation import composition_error, load_config, validate_config
 
+if TYPE_CHECKING:
+    from peftbench.stages import Carry
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+register_resolvers()  # ${peftbench.scale:...}, ${peftbench.sqlite:...} in conf/sweep/
 log = logging.getLogger(__name__)
 
 
@@ -82,8 +87,11 @@ def seeds(cfg: DictConfig, method: Any) -> dict[str, Any]:
 
 
 # ----- one run --------------------------------------------------------------------------------------------
-def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One run. Returns `(record, objects)`; raises ConfigError on bad input before training."""
+def train_and_record(
+    cfg: DictConfig, run_id_: str | None = None, carry: Carry | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One run. Returns `(record, objects)`; raises ConfigError on bad input before training. With `carry`
+    it is one stage of a stages run (peftbench/stages.py): the model and adapter the stage before left."""
     import lightning as L
     import torch
 
@@ -99,18 +107,21 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
         resolve_resume,
         resumable_train_loader,
     )
+    from peftbench.export import export_after_training
     from peftbench.loggers import build_logger
     from peftbench.methods.io import save_adapter
     from peftbench.models import load_model
     from peftbench.models.params import count_parameters
     from peftbench.module import PeftModule
+    from peftbench.padding import PaddingStats
     from peftbench.progress import build_callbacks
     from peftbench.records import redact
     from peftbench.summary import parameter_report
+    from peftbench.tasks.sampler import group_by_length
     from peftbench.untuned import untuned_metrics
 
     started = time.perf_counter()
-    run_dir = _run_dir()
+    run_dir = _run_dir() if carry is None else carry.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # validation and test run on the whole split in every process (exact, equal metrics): Lightning's
@@ -118,6 +129,11 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 
     # Everything that can be wrong with the input is checked here, before any training.
+    from peftbench.budget import apply_budget
+    from peftbench.tuned import apply_tuned
+
+    apply_tuned(cfg)  # tuned=<tuned.yaml>: this method's tuned lr (peftbench/tuned.py)
+    apply_budget(cfg)  # budget.trainable_params: the method's size knob fitted (peftbench/budget.py)
     method, task = validate_config(cfg)
     resume = resolve_resume(cfg.get("resume", "auto"), run_dir)
     if resume is not None and not checkpointing_supported(cfg.trainer.get("strategy", "auto")):
@@ -133,11 +149,14 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
         check_compatible(resume, fingerprint)
         run_id_ = resume.checkpoint.get("peftbench_state", {}).get("run_id") or run_id_
     run_id_ = run_id_ or run_id(cfg)
-    model, tokenizer = load_model(cfg.model)
-    task.setup(tokenizer, cfg.seed)
-    base_report = parameter_report(model)
-    head = task.head(model)
-    method.apply(model, head=head)
+    if carry is None:
+        model, tokenizer = load_model(cfg.model)
+        task.setup(tokenizer, cfg.seed)
+        base_report = parameter_report(model)
+        head = task.head(model)
+        method.apply(model, head=head)
+    else:
+        model, tokenizer, method, base_report, head = carry.continue_with(task, cfg.seed)
     task.use_reference(lambda: method.disabled(model))
     params = {
         **parameter_report(model, base_total=base_report["total"]),
@@ -160,19 +179,23 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
 
     flat_config = redact(OmegaConf.to_container(cfg, resolve=True))
     logger = build_logger(cfg, run_dir, flat_config)
-    module = PeftModule(model, method, task, cfg.optim)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    compile_model = bool(trainer_kwargs.pop("compile", False))  # peftbench's option, not a Trainer kwarg
+    module = PeftModule(model, method, task, cfg.optim, compile=compile_model)
     train_loader = resumable_train_loader(task.train_dataloader(cfg.batch_size), cfg.seed)
+    if cfg.task.get("group_by_length", False):  # similar lengths per batch: less padding (tasks/sampler.py)
+        group_by_length(train_loader)
+    padding = PaddingStats()
     val_loader = own_generator(task.val_dataloader(cfg.batch_size))
     test_loader = own_generator(task.test_dataloader(cfg.batch_size))
     checkpointing = build_checkpointing(cfg, run_dir, train_loader, fingerprint, run_id_)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["enable_checkpointing"] = checkpointing.enabled
     if isinstance(trainer_kwargs.get("strategy"), dict):  # e.g. conf/trainer/fsdp.yaml: a `_target_` class
         trainer_kwargs["strategy"] = hydra.utils.instantiate(trainer_kwargs["strategy"])
     trainer = L.Trainer(
         **trainer_kwargs,
         logger=logger,
-        callbacks=build_callbacks() + checkpointing.callbacks,
+        callbacks=build_callbacks() + checkpointing.callbacks + [padding],
         plugins=checkpointing.plugins or None,
         default_root_dir=str(run_dir),
     )
@@ -185,7 +208,10 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
             before = trainer.test(module, dataloaders=test_loader, verbose=False)[0]
             return {k.replace("test/", "test_before/"): float(v) for k, v in before.items()}
 
-        before, reused = untuned_metrics(cfg, method, evaluate_untuned)
+        if carry is None or carry.untuned:
+            before, reused = untuned_metrics(cfg, method, evaluate_untuned)
+        else:  # a later stage starts from the adapter of the stage before, not from the untuned model
+            before, reused = evaluate_untuned(), False
         metrics |= before
         timings["eval_before_s"] = time.perf_counter() - t0
         timings["eval_before_reused"] = reused
@@ -219,10 +245,12 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
     if module.val_history:
         metrics |= {k: float(v) for k, v in module.val_history[-1].items() if k.startswith("val/")}
 
-    adapter_bytes = None
+    adapter_bytes = peft_adapter = None
     if cfg.save_adapter and trainer.is_global_zero:  # rank 0 writes (DDP replicas hold the same adapter)
         adapter_path = save_adapter(model, method, run_dir / "adapter")
         adapter_bytes = adapter_path.stat().st_size
+        # the same adapter in HF PEFT's format, where the method has one (peftbench/export.py)
+        peft_adapter = export_after_training(model, method, adapter_path.parent)
     timings["train_step_s"] = module.train_seconds / max(1, len(module.loss_history))
     timings["total_s"] = time.perf_counter() - started
     record = {
@@ -236,12 +264,13 @@ def train_and_record(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[
         "seeds": seeds(cfg, method),
         "primary_metric": f"test/{task.primary_metric}",
         "metrics": metrics,
-        "params": {**params, "adapter_bytes": adapter_bytes},
+        "params": {**params, "adapter_bytes": adapter_bytes, "peft_adapter": peft_adapter},
         "memory": {"peak_train_bytes": module.peak_train_bytes, "device": str(module.device)},
         "time": timings,
         "tokens_per_s": module.train_tokens / module.train_seconds if module.train_seconds else None,
         "steps": trainer.global_step,
         "train_tokens": module.train_tokens,
+        "padding": {**padding.summary(), "group_by_length": bool(cfg.task.get("group_by_length", False))},
         "history": {"train_loss": module.loss_history, "val": module.val_history},
         "data": task.split_sizes(),
         "method_config": method.hyperparameters(),
@@ -321,6 +350,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     interrupt (SIGINT/SIGTERM) as status `interrupted` with the checkpoint to resume from."""
     from peftbench.checkpointing import CHECKPOINT_DIR, INTERRUPTS, RunInterrupted
     from peftbench.records import environment, install_log_redaction, redact_files, write_record
+    from peftbench.stages import print_stages, run_stages
     from peftbench.summary import print_summary
 
     store = Path(cfg.results_dir) / cfg.study
@@ -342,7 +372,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     INTERRUPTS.install()
     try:
-        record, _ = train_and_record(cfg, rid)
+        record, _ = (run_stages if cfg.get("stages") else train_and_record)(cfg, rid)
         if _rank_zero():
             write_record({**record, "env": environment()}, run_dir, store)
     except RunInterrupted as err:
@@ -375,6 +405,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         INTERRUPTS.restore()
     if _rank_zero():
         print_summary(record)
+        if record.get("stages"):
+            print_stages(record)
         if not cfg.checkpoint.get("keep_on_success", True):
             shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     return record
@@ -382,7 +414,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """The Hydra task function. Returns the primary test metric (for sweepers such as Optuna)."""
+    """The Hydra task function. Returns the validation score a sweeper (Optuna) maximises, or None."""
     from peftbench.checkpointing import RunInterrupted
     from peftbench.records import redact
 
@@ -405,7 +437,7 @@ def main(cfg: DictConfig) -> float | None:
             )
             return None
         raise
-    return record["metrics"].get(record["primary_metric"])
+    return objective(record)  # val/<primary metric>: tuning never sees the test split
 
 
 def check_overrides(argv: Sequence[str]) -> None:

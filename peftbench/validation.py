@@ -134,6 +134,21 @@ def check_trainer_config(trainer: Any) -> None:
     deterministic = trainer.get("deterministic", False)
     if deterministic not in (True, False, "warn", None):
         raise bad_value("trainer.deterministic", deterministic, "true, false, warn")
+    if not isinstance(trainer.get("compile", False), bool):
+        raise bad_value("trainer.compile", trainer.get("compile"), "true, false")
+
+
+def task_config(task: Any) -> Any:
+    """The `task` section for `build_task`, without `group_by_length`: that one is a batching option every
+    task accepts, applied by the run to the task's training loader (peftbench/tasks/sampler.py)."""
+    values = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else task
+    if not isinstance(values, dict):
+        return values  # build_task names what is wrong with it
+    values = dict(values)
+    group = values.pop("group_by_length", False)
+    if not isinstance(group, bool):
+        raise bad_value("task.group_by_length", group, "true, false")
+    return values
 
 
 def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
@@ -154,7 +169,7 @@ def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
         raise bad_value("batch_size", batch_size, "an integer >= 1")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise bad_value("seed", cfg.seed, "an integer >= 0")
-    task = build_task(cfg.task)
+    task = build_task(task_config(cfg.task))
     check_trainer_config(cfg.trainer)
     check_checkpoint_config(cfg)
     return method, task

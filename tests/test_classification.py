@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 from peftbench.errors import ConfigError
 from peftbench.methods import build_method
 from peftbench.tasks import ClassificationTask, build_task
+from peftbench.tasks.classification import LabelledText
 from peftbench.tasks.collate import IGNORE_INDEX
 from peftbench.tasks.common import PASS_START
-from peftbench.tasks.labels import RunningMacroF1, answer_matches, macro_f1
+from peftbench.tasks.labels import answer_matches, confusion_matrix, macro_f1
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.sources import rotten_tomatoes
 from tests.test_run import run_cli
@@ -218,21 +219,64 @@ def test_incompatible_model_and_formulation_fail_with_one_clear_line(
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
-def test_running_macro_f1_mean_is_the_corpus_macro_f1() -> None:
-    truth = [0, 0, 1, 1, 2, 2, 2, 0]
-    predicted = [0, 1, 1, 1, 2, 0, 2, 0]
-    # per class: 0: tp 2 fp 1 fn 1 -> 2/3; 1: tp 2 fp 1 fn 0 -> 0.8; 2: tp 2 fp 0 fn 1 -> 0.8
-    expected = 100 * (2 / 3 + 0.8 + 0.8) / 3
-    running = RunningMacroF1(3)
-    values = running.update(truth[:3], predicted[:3]) + running.update(truth[3:], predicted[3:])
-    assert sum(values) / len(values) == pytest.approx(expected)
-    confusion = torch.zeros(3, 3, dtype=torch.long)
-    for t, p in zip(truth, predicted, strict=True):
-        confusion[t, p] += 1
-    assert macro_f1(confusion) == pytest.approx(expected)
-    running.reset()
-    assert running.update([1], [1]) == [100.0]
+# a known confusion over 3 classes (rows: truth, columns: prediction), 10 examples:
+#   truth 0: predicted 0, 0, 1      -> class 0: tp 2, fp 1 (a 2 predicted as 0), fn 1
+#   truth 1: predicted 1, 1         -> class 1: tp 2, fp 1 (a 0 predicted as 1), fn 0
+#   truth 2: predicted 2, 0, 2, 2, 2 -> class 2: tp 4, fp 0, fn 1
+# F1 = 2tp / (2tp + fp + fn): 4/6, 4/5, 8/9; macro = their mean
+TRUTH = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+PREDICTED = [0, 0, 1, 1, 1, 2, 0, 2, 2, 2]
+MACRO_F1 = 100 * (4 / 6 + 4 / 5 + 8 / 9) / 3
+
+
+def test_macro_f1_of_a_known_confusion_matrix() -> None:
+    confusion = confusion_matrix(TRUTH, PREDICTED, 3)
+    assert confusion.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 4]]
+    assert macro_f1(confusion) == pytest.approx(MACRO_F1)
+    # a label that never occurs and is never predicted is left out; one predicted but absent counts as 0
+    assert macro_f1(confusion_matrix([0, 1], [0, 1], 3)) == pytest.approx(100.0)
+    assert macro_f1(confusion_matrix([0, 0], [0, 2], 3)) == pytest.approx(100 * (2 / 3 + 0) / 2)
     assert answer_matches("Positive.", "positive") and not answer_matches("negative", "positive")
+
+
+def test_macro_f1_through_the_module_is_the_whole_pass_not_a_batch_mean(
+    tmp_path: Path, tiny_model_and_tokenizer: Any
+) -> None:
+    """The module gathers `evaluate`'s per-example labels over the pass; the task's `aggregate` computes
+    macro-F1 from the pass's confusion matrix (batches of 4 split the 10 examples 4 + 4 + 2)."""
+    import lightning as L
+
+    from peftbench.module import PeftModule
+
+    model, tokenizer = tiny_model_and_tokenizer
+    path = tmp_path / "three.csv"
+    path.write_text("text,category\n" + "".join(f"text {i},{'abc'[i % 3]}\n" for i in range(30)))
+    task = ClassificationTask(
+        data_files=str(path), label_words=["red", "green", "blue"], split={"val": 3, "test": 3}, probe=None
+    )
+    task.setup(tokenizer, seed=0)
+    task.head(model)
+    word = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("red", "green", "blue")]
+    task._data["test"] = [LabelledText([5, 6, 7, *word[t]], t, 3, word[t]) for t in TRUTH]
+    scripted = iter(PREDICTED)  # the "model's" predictions, in loader order
+    task.predict = lambda model, batch: torch.tensor(
+        [next(scripted) for _ in range(len(batch["class_labels"]))]
+    )
+    task.eval_batch_size = 4
+    module = PeftModule(model, build_method({"name": "lora", "r": 2}), task, OmegaConf.create({"lr": 1e-3}))
+    trainer = L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    metrics = trainer.test(module, dataloaders=task.test_dataloader(4), verbose=False)[0]
+    assert metrics["test/macro_f1"] == pytest.approx(MACRO_F1, abs=1e-4)
+    assert metrics["test/accuracy"] == pytest.approx(80.0)  # 8 of 10 on the diagonal
+    assert "test/label" not in metrics and "test/predicted" not in metrics
+    per_batch = [
+        macro_f1(confusion_matrix(TRUTH[i : i + 4], PREDICTED[i : i + 4], 3)) for i in range(0, 10, 4)
+    ]
+    # averaging per-batch F1s (per batch, or per example as the module averages scores) would be wrong
+    assert abs(sum(per_batch) / 3 - MACRO_F1) > 0.5
+    assert abs((4 * per_batch[0] + 4 * per_batch[1] + 2 * per_batch[2]) / 10 - MACRO_F1) > 0.5
 
 
 # ---- end to end through the CLI ------------------------------------------------------------------------

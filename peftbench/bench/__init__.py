@@ -10,7 +10,10 @@ trains both on the same seeded random batch (`bench.batch_size` x `bench.seq_len
 - step time: forward, backward, optimizer step (plus the method's after-step hook), zero_grad; warm-up
   excluded, `bench.repeats` repeats of `bench.timed_steps` steps, the two sides' repeats interleaved so a
   change in the machine's load hits both, median and spread (`timing.py`);
-- tokens/s: every position of the batch counts (no padding: padding fraction 0);
+- tokens/s: the batch's real (attended) tokens per second; with the default batch every position is real
+  (padding fraction 0); `bench.min_seq_len` draws row lengths in [min_seq_len, seq_len] instead, a cycle of
+  `bench.timed_steps` right-padded batches, batched at random or length-grouped (`bench.group_by_length`:
+  the run's `task.group_by_length` sampler), and reports the padding fraction;
 - memory: peak, split into weights / gradients / optimizer state / activations (`memory_split.py`);
 - nominal model FLOPs per step and, on CUDA with known peak FLOPs, model FLOPs utilisation;
 - the ratios peftbench / PEFT.
@@ -18,8 +21,10 @@ trains both on the same seeded random batch (`bench.batch_size` x `bench.seq_len
 peftbench's loss is `peftbench.tasks.objectives.target_token_loss` (the output head on the labelled
 positions only); PEFT's is `model(input_ids, attention_mask, labels=labels).loss` (full logits). The JSON
 (`bench.json` in the Hydra output directory, optionally `bench.out`) states both, with the machine, the
-versions, the git commit and the command. `bench.sweep` repeats selected methods over sequence lengths,
-ranks and model shapes and plots how the cost grows (`report.py`).
+versions, the git commit and the command. `bench.compile` compiles both sides' models in place as the
+run's `trainer.compile` does (`peftbench.compiling`); `bench.gradient_checkpointing` is the run's
+`model.gradient_checkpointing`, on both sides. `bench.sweep` repeats selected methods over sequence
+lengths, ranks and model shapes and plots how the cost grows (`report.py`).
 """
 
 from __future__ import annotations
@@ -112,6 +117,8 @@ class Settings:
     r: int | None
     compile: bool
     gradient_checkpointing: bool
+    min_seq_len: int | None
+    group_by_length: bool
     peft: bool
     lr: float
     weight_decay: float
@@ -188,12 +195,18 @@ def parse_settings(cfg: DictConfig) -> Settings:
     threads = section.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise bad_value("bench.threads", threads, "null or an integer >= 1")
+    min_len = section.get("min_seq_len")
+    seq_len = _int(section, "seq_len", 2)
+    if min_len is not None and (
+        isinstance(min_len, bool) or not isinstance(min_len, int) or not 2 <= min_len <= seq_len
+    ):
+        raise bad_value("bench.min_seq_len", min_len, f"null or an integer in [2, bench.seq_len={seq_len}]")
     out = section.get("out")
     return Settings(
         device=device,
         precision=precision,
         batch_size=_int(section, "batch_size", 1),
-        seq_len=_int(section, "seq_len", 2),
+        seq_len=seq_len,
         label_fraction=float(fraction),
         warmup_steps=_int(section, "warmup_steps", 0),
         timed_steps=_int(section, "timed_steps", 1),
@@ -201,6 +214,8 @@ def parse_settings(cfg: DictConfig) -> Settings:
         r=r,
         compile=_bool(section, "compile"),
         gradient_checkpointing=_bool(section, "gradient_checkpointing"),
+        min_seq_len=min_len,
+        group_by_length=_bool(section, "group_by_length"),
         peft=_bool(section, "peft"),
         lr=float(lr),
         weight_decay=float(section.get("weight_decay", 0.0)),
@@ -267,15 +282,62 @@ def make_batch(vocab_size: int, settings: Settings) -> Batch:
     return {k: v.to(settings.device) for k, v in batch.items()}
 
 
-def batch_info(batch: Batch) -> dict[str, Any]:
-    labels = batch["labels"]
-    return {
-        "shape": list(labels.shape),
-        "tokens": labels.numel(),
-        "labelled_tokens": int((labels[:, 1:] != -100).sum()),
-        "padding_fraction": float(1 - batch["attention_mask"].float().mean()),
+def make_batches(vocab_size: int, settings: Settings) -> list[Batch]:
+    """The batches a side cycles through: `[make_batch(...)]` (every row `seq_len` long, no padding), or with
+    `bench.min_seq_len` a cycle of `timed_steps` batches over `timed_steps * batch_size` seeded random rows of
+    lengths uniform in `[min_seq_len, seq_len]`, ordered by the run's training sampler (shuffled, or
+    length-grouped with `bench.group_by_length`) and right-padded by the run's collator; the last
+    `label_fraction` of each row is labelled."""
+    if settings.min_seq_len is None:
+        return [make_batch(vocab_size, settings)]
+    from peftbench.tasks.collate import CausalLMCollator, Encoded
+    from peftbench.tasks.sampler import ResumableSampler
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    pool = settings.batch_size * settings.timed_steps
+    lengths = torch.randint(settings.min_seq_len, settings.seq_len + 1, (pool,), generator=generator)
+    rows = []
+    for length in lengths.tolist():
+        ids = torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+        n_labels = max(1, round(settings.label_fraction * length))
+        rows.append(Encoded(ids[: length - n_labels], ids[length - n_labels :], ""))
+    sampler = ResumableSampler(pool, seed=settings.seed)
+    if settings.group_by_length:
+        sampler.group_by_length(lengths.tolist(), settings.batch_size)
+    order = list(sampler)
+    collate = CausalLMCollator(pad_id=0)
+    batches = []
+    for start in range(0, pool, settings.batch_size):
+        batch = collate([rows[i] for i in order[start : start + settings.batch_size]])
+        batches.append({k: batch[k].to(settings.device) for k in ("input_ids", "attention_mask", "labels")})
+    return batches
+
+
+def widest(batches: list[Batch]) -> Batch:
+    """The batch with the most positions (the first of those): the measured step's, for the memory split."""
+    return max(batches, key=lambda b: b["input_ids"].numel())
+
+
+def batch_info(batches: Batch | list[Batch], settings: Settings | None = None) -> dict[str, Any]:
+    """Shape of the widest batch, real tokens, labelled tokens and the padding fraction over the cycle."""
+    batches = [batches] if isinstance(batches, dict) else batches
+    mask = [b["attention_mask"] for b in batches]
+    positions = sum(m.numel() for m in mask)
+    tokens = sum(int(m.sum()) for m in mask)
+    info: dict[str, Any] = {
+        "shape": list(widest(batches)["labels"].shape),
+        "batches": len(batches),
+        "widths": [int(b["input_ids"].shape[1]) for b in batches],
+        "tokens": tokens,
+        "positions": positions,
+        "labelled_tokens": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+        "padding_fraction": 1 - tokens / positions,
         "source": "random token ids from torch.Generator().manual_seed(seed)",
     }
+    if settings is not None and settings.min_seq_len is not None:
+        info["lengths"] = f"uniform in [{settings.min_seq_len}, {settings.seq_len}]"
+        info["group_by_length"] = settings.group_by_length
+    return info
 
 
 # ----- building the two sides -----------------------------------------------------------------------------
@@ -357,12 +419,22 @@ class SideRun:
        may already exist: it sits idle, below this side's baseline.
     2. `repeat`: one timed repeat; the two sides' repeats alternate.
     3. `result`: the row of the report (or the failure, as one line plus the traceback).
+
+    The side cycles through `batches` (one batch unless `bench.min_seq_len`): the measured step takes the
+    widest, the warm-up and every timed repeat start at the first, so each repeat sees the same batches.
     """
 
     def __init__(
-        self, impl: str, build: Callable[[], Trainee], batch: Batch, settings: Settings, shape: ModelShape
+        self,
+        impl: str,
+        build: Callable[[], Trainee],
+        batches: Batch | list[Batch],
+        settings: Settings,
+        shape: ModelShape,
     ) -> None:
-        self.impl, self.build, self.batch, self.settings, self.shape = impl, build, batch, settings, shape
+        self.impl, self.build, self.settings, self.shape = impl, build, settings, shape
+        self.batches = [batches] if isinstance(batches, dict) else list(batches)
+        self.cursor = 0  # the next batch of the cycle
         self.trainee: Trainee | None = None
         self.loss_fn: Callable[[Batch], torch.Tensor] | None = None
         self.steps = 0
@@ -382,8 +454,10 @@ class SideRun:
 
     def step(self) -> None:
         assert self.trainee is not None and self.loss_fn is not None
+        batch = self.batches[self.cursor % len(self.batches)]
+        self.cursor += 1
         with self.settings.autocast():
-            loss = self.loss_fn(self.batch)
+            loss = self.loss_fn(batch)
         loss.backward()
         self.trainee.optimizer.step()
         self.steps += 1
@@ -405,7 +479,7 @@ class SideRun:
 
         saved = SavedTensorBytes(exclude=owned_storages(trainee.model))
         with saved.recording(), settings.autocast():
-            loss = trainee.loss(self.batch)
+            loss = trainee.loss(widest(self.batches))
         loss.backward()
         grads = grad_bytes(trainee.trainable())
         trainee.optimizer.step()
@@ -416,7 +490,12 @@ class SideRun:
         loss_first = float(loss.detach())
         del loss
 
-        self.loss_fn = torch.compile(trainee.loss) if settings.compile else trainee.loss
+        if settings.compile:  # what trainer.compile does in a run: the model's blocks, in place
+            from peftbench.compiling import compile_in_place
+
+            compile_in_place(trainee.model)
+        self.loss_fn = trainee.loss
+        self.cursor = 0
         warmup_s = run_steps(self.step, settings.device, settings.warmup_steps) * settings.warmup_steps
         memory: dict[str, Any] = window.peak()
         memory |= {
@@ -437,18 +516,26 @@ class SideRun:
             },
             "loss_first": loss_first,
             "loss_path": trainee.loss_path,
-            "model_flops_per_step": model_flops(
-                self.shape,
-                self.batch["input_ids"].numel(),
-                self.batch["input_ids"].shape[1],
-                matmul_trainable(trainee.model),
+            "model_flops_per_step": statistics.mean(
+                model_flops(
+                    self.shape,
+                    b["input_ids"].numel(),
+                    b["input_ids"].shape[1],
+                    matmul_trainable(trainee.model),
+                )
+                for b in self.timed_batches()
             ),
             "build_s": build_s,
             "warmup_s": warmup_s,
             "notes": trainee.notes,
         }
 
+    def timed_batches(self) -> list[Batch]:
+        """The batches of one timed repeat, in order."""
+        return [self.batches[i % len(self.batches)] for i in range(self.settings.timed_steps)]
+
     def repeat(self) -> None:
+        self.cursor = 0
         self.samples.append(run_steps(self.step, self.settings.device, self.settings.timed_steps))
 
     def result(self) -> dict[str, Any]:
@@ -458,7 +545,7 @@ class SideRun:
         times = StepTimes(
             tuple(self.samples), settings.timed_steps, settings.warmup_steps, self.info["warmup_s"]
         )
-        tokens = self.batch["input_ids"].numel()
+        tokens = statistics.mean(int(b["attention_mask"].sum()) for b in self.timed_batches())
         peak = peak_flops(settings.device, settings.autocast_dtype)
         info = {k: v for k, v in self.info.items() if k != "warmup_s"}
         return {
@@ -509,12 +596,13 @@ def ratios(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> dict[s
 def bench_method(
     method: Any,
     base: nn.Module,
-    batch: Batch,
+    batch: Batch | list[Batch],
     settings: Settings,
     shape: ModelShape,
     pretrained: Callable[[], Path],
 ) -> dict[str, Any]:
-    """Both implementations of one method; the entry of `results` in the JSON."""
+    """Both implementations of one method on `batch` (or a cycle of batches: `make_batches`); the entry of
+    `results` in the JSON."""
     entry: dict[str, Any] = {"method": method.name, "hyperparameters": method.hyperparameters()}
     ours = SideRun("peftbench", lambda: build_ours(method, base, settings), batch, settings, shape)
     theirs: SideRun | None = None
@@ -554,7 +642,12 @@ def bench_method(
 
 
 def prime(
-    method: Any, base: nn.Module, batch: Batch, settings: Settings, shape: ModelShape, pretrained: Any
+    method: Any,
+    base: nn.Module,
+    batch: Batch | list[Batch],
+    settings: Settings,
+    shape: ModelShape,
+    pretrained: Any,
 ) -> None:
     """One discarded build and step of both sides, so that lazy imports, library initialisation and kernel
     caches fall outside the first measured row (its memory baseline and its timings)."""
@@ -631,15 +724,16 @@ def run_sweeps(
     try:
         points = []
         for seq_len in sweep["seq_len"]:
-            s = replace(settings, seq_len=seq_len)
-            batch = make_batch(base.config.vocab_size, s)
+            short = None if settings.min_seq_len is None else min(settings.min_seq_len, seq_len)
+            s = replace(settings, seq_len=seq_len, min_seq_len=short)
+            batch = make_batches(base.config.vocab_size, s)
             for method in resolve_methods(cfg, names, settings.r):
                 log(f"sweep seq_len={seq_len}: {method.name}")
                 entry = bench_method(method, base, batch, s, shape, pretrained)
                 points.append(_point(entry, "seq_len", seq_len, model_name, shape.total_params))
         out["seq_len"] = points
         points = []
-        batch = make_batch(base.config.vocab_size, settings)
+        batch = make_batches(base.config.vocab_size, settings)
         for r in sweep["r"]:
             for method in resolve_methods(cfg, names, r):
                 if not hasattr(method, "r"):
@@ -655,7 +749,7 @@ def run_sweeps(
         model_cfg = load_model_config(name)
         other, _ = load_model(model_cfg)
         other_shape = ModelShape.of(other)
-        batch = make_batch(other.config.vocab_size, settings)
+        batch = make_batches(other.config.vocab_size, settings)
         other_dir = PretrainedDir(other, model_cfg)
         try:
             for method in resolve_methods(cfg, names, settings.r):
@@ -710,7 +804,7 @@ def run_bench(
         base, _tokenizer = load_model(cfg.model)
         base.requires_grad_(False)
         shape = ModelShape.of(base)
-        batch = make_batch(base.config.vocab_size, settings)
+        batch = make_batches(base.config.vocab_size, settings)
         pretrained = PretrainedDir(base, cfg.model)
         results = []
         try:
@@ -737,7 +831,7 @@ def run_bench(
             "vocab_size": shape.vocab_size,
         },
         "settings": _settings_dict(settings),
-        "batch": batch_info(batch),
+        "batch": batch_info(batch, settings),
         "loss_path": {"peftbench": PEFTBENCH_LOSS_PATH, "peft": PEFT_LOSS_PATH},
         "memory_method": {
             "peak": peak_source(settings.device),

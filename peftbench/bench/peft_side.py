@@ -98,8 +98,11 @@ def hf_loss(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (transformers' switch)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Non-reentrant activation checkpointing of every decoder layer: what `model.gradient_checkpointing`
+    does in a run (`peftbench.models.loading.enable_gradient_checkpointing`), the same on both sides."""
+    from peftbench.models.loading import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model)
 
 
 def _adamw(params: list[nn.Parameter] | list[dict[str, Any]], ctx: BuildContext) -> torch.optim.Optimizer:

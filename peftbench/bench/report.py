@@ -358,6 +358,13 @@ def print_report(payload: dict[str, Any], console: Console | None = None) -> Non
         "ratio 'paired' = median of the per-repeat ratios; peak: "
         f"{payload['memory_method']['peak']}, above the memory held before the model copy was built[/dim]"
     )
+    batch = payload.get("batch") or {}
+    if batch.get("lengths"):
+        console.print(
+            f"[dim]batches: {batch['batches']} right-padded batches of row lengths {batch['lengths']}, "
+            f"group_by_length={str(batch.get('group_by_length', False)).lower()}, widths {batch['widths']}; "
+            f"padding fraction {batch['padding_fraction']:.1%}; tokens/s counts real tokens only[/dim]"
+        )
     machine = payload["machine"]
     load = machine.get("load_average_start")
     cores = machine.get("cpu_affinity") or machine.get("cpu_cores")

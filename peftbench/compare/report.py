@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from peftbench.budget import budget_statement
 from peftbench.compare.plots import write_plots
 from peftbench.compare.stats import Estimate, PairedTest
 from peftbench.compare.table import StudySummary
@@ -175,6 +176,7 @@ def budget_lines(s: StudySummary) -> list[str]:
         f"Batch size {_value(b['batch_size'])} × gradient accumulation {_value(b['accumulate_grad_batches'])}"
         f"; precision {_value(b['precision'])}; training examples: {_value(b['train_examples'])}.",
         f"Training tokens per run: {_value(tokens)}.",
+        budget_statement(b.get("trainable_params")),
         "Every method had the same step and batch budget."
         if b["equal"]
         else "WARNING: the budgets differ between runs; the comparison is not at equal budget.",

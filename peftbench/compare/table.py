@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftbench.budget import param_budget
 from peftbench.compare.stats import Estimate, PairedTest, mean_ci, paired_test, pareto_front
 from peftbench.errors import ConfigError, bad_value
 from peftbench.records import read_records
@@ -176,6 +177,7 @@ def budget(records: list[dict[str, Any]]) -> dict[str, Any]:
     out["equal"] = all(not isinstance(out[k], list) for k in ("max_steps", "batch_size", "steps_taken"))
     out["models"] = _distinct([r.get("model") for r in records])
     out["tasks"] = _distinct([r.get("task") for r in records])
+    out["trainable_params"] = param_budget(ok)  # target and each method's chosen size (peftbench/budget.py)
     return out
 
 

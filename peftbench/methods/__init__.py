@@ -1,14 +1,20 @@
 """PEFT methods, one file each; importing this package registers all of them."""
 
 from peftbench.methods import (  # noqa: F401  (each module registers its method)
+    adapter,
     bitfit,
     delta_lora,
+    dora,
     full,
+    ia3,
     ln_tuning,
     lora,
     lora_fa,
     lora_plus,
     partial,
+    pissa,
+    prefix_tuning,
+    prompt_tuning,
     qlora,
     vera,
 )

@@ -5,7 +5,8 @@ A method is one small class (one file) that says
 - which parameters train (`trainable_parameters`, found structurally from its adapter layers);
 - its optimizer parameter groups (`param_groups`; checked to cover every trainable parameter once);
 - an optional hook after each real optimizer step (`after_optimizer_step`);
-- how it merges, disables (for a reference model) and saves (`merge`, `disabled`, `adapter_state_dict`).
+- how it merges, disables (for a reference model) and saves (`merge`, `disabled`, `adapter_state_dict`,
+  `final_state_dict`).
 The LightningModule only calls these; it never branches on a method's name.
 """
 
@@ -67,6 +68,9 @@ class PeftMethod:
     mergeable: ClassVar[bool] = False
     #: at initialisation the adapted model computes exactly the base model's function
     identity_at_init: ClassVar[bool] = True
+    #: the integer hyper-parameter that sets the adapter's size (LoRA's r), or None: equal-parameter-budget
+    #: comparisons (peftbench/budget.py) choose it so that the trainable count fits the budget
+    size_knob: ClassVar[str | None] = None
 
     # ----- building -------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -149,6 +153,13 @@ class PeftMethod:
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         state.update(self.extra_state(model))
         return state
+
+    def final_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors of the adapter file written after training (`io.save_adapter`). Default: exactly
+        `adapter_state_dict`. A method that trains through a parameterisation inference does not need (prefix
+        tuning's MLP) keeps only its result here, and its `load_adapter_state_dict` accepts both forms;
+        checkpoints keep `adapter_state_dict` (everything needed to go on training)."""
+        return self.adapter_state_dict(model)
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Non-trainable tensors the adapter file must carry (default: none)."""

@@ -11,33 +11,27 @@ from typing import ClassVar
 
 from torch import nn
 
-from peftbench.errors import ConfigError
-from peftbench.methods.full import BaseWeightsMethod, unique_parameters
 from peftbench.methods.registry import register
+from peftbench.methods.selection import SelectionMethod, owned_parameters
 
 
 def bias_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Every module's own ``bias`` parameter (nn.Linear, LayerNorm, Conv1D, ...), a shared one once."""
-    named = (
-        (f"{name}.bias" if name else "bias", module._parameters["bias"])
-        for name, module in model.named_modules()
-        if isinstance(module._parameters.get("bias"), nn.Parameter)
+    return owned_parameters(
+        model, lambda module: ["bias"] if isinstance(module._parameters.get("bias"), nn.Parameter) else []
     )
-    return unique_parameters(named)
 
 
 @register
 @dataclasses.dataclass
-class BitFit(BaseWeightsMethod):
+class BitFit(SelectionMethod):
     """Only bias parameters train."""
 
     name: ClassVar[str] = "bitfit"
+    nothing_to_train: ClassVar[str] = (
+        "model has no bias parameters; BitFit has nothing to train "
+        "(Llama-family models have none: use a model with biases, or another method)"
+    )
 
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        found = bias_parameters(model)
-        if not found:
-            raise ConfigError(
-                "method='bitfit': model has no bias parameters; BitFit has nothing to train "
-                "(Llama-family models have none: use a model with biases, or another method)"
-            )
-        return found
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return bias_parameters(model)

@@ -21,7 +21,7 @@ def save_adapter(model: nn.Module, method: PeftMethod, directory: str | Path) ->
     """Write ``<directory>/adapter.safetensors`` atomically; returns its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = method.adapter_state_dict(model)
+    state = method.final_state_dict(model)
     metadata = {"method": json.dumps(method.hyperparameters()), "format": "peftbench-adapter-v1"}
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(fd)

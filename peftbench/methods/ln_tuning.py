@@ -7,9 +7,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from peftbench.errors import ConfigError
-from peftbench.methods.full import BaseWeightsMethod, unique_parameters
 from peftbench.methods.registry import register
+from peftbench.methods.selection import SelectionMethod, owned_parameters
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -26,32 +25,23 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "LayerNorm", "RMSNorm"))
 
 
-def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, module) for name, module in model.named_modules() if is_norm(module)]
-
-
 def norm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters (weight, bias, ...) held directly by every normalisation layer of the model."""
-    named = (
-        (f"{name}.{local}" if name else local, param)
-        for name, module in norm_modules(model)
-        for local, param in module.named_parameters(recurse=False)
+    return owned_parameters(
+        model,
+        lambda module: [n for n, _ in module.named_parameters(recurse=False)] if is_norm(module) else [],
     )
-    return unique_parameters(named)
 
 
 @register
 @dataclasses.dataclass
-class LNTuning(BaseWeightsMethod):
+class LNTuning(SelectionMethod):
     """Only the parameters of normalisation layers (LayerNorm, RMSNorm-like) train."""
 
     name: ClassVar[str] = "ln_tuning"
+    nothing_to_train: ClassVar[str] = (
+        "model has no normalisation layer with parameters; LN tuning has nothing to train"
+    )
 
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        found = norm_parameters(model)
-        if not found:
-            raise ConfigError(
-                "method='ln_tuning': model has no normalisation layer with parameters; "
-                "LN tuning has nothing to train"
-            )
-        return found
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return norm_parameters(model)

@@ -3,20 +3,24 @@
 Sec. 4.1: ``h = W0 x + (alpha / r) * B A x`` with A (r, in) random and B (out, r) zero, so training starts
 from the base model exactly. rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) scales by ``alpha / sqrt(r)``.
 Dropout acts on the adapter branch only (as in the reference implementation, loralib).
+
+Export (`peft_export`): HF PEFT's LORA adapter, ``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r) per
+layer, ``use_rslora`` for rsLoRA; LoRA+, LoRA-FA and QLoRA inherit it (their adapters are plain LoRA).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftbench.errors import ConfigError, bad_value
-from peftbench.methods.base import AdapterLayer, PeftMethod
+from peftbench.methods.base import AdapterLayer, PeftMethod, adapter_layers
+from peftbench.methods.peft_format import exported, peft_key, peft_lora_config
 from peftbench.methods.registry import register
 from peftbench.methods.walker import ALL_LINEAR, find_targets, wrap_targets
 
@@ -88,10 +92,11 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
     return weight.dtype if weight.is_floating_point() else torch.float32
 
 
-def check_lora_hyperparameters(r: int, alpha: float, dropout: float) -> None:
+def check_lora_hyperparameters(r: int, alpha: float | None, dropout: float) -> None:
+    """One-line ConfigError for a bad rank, scaling or dropout; `alpha` None: the method has none (VeRA)."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise bad_value("method.r", r, "an integer > 0")
-    if not alpha > 0:
+    if alpha is not None and not alpha > 0:
         raise bad_value("method.alpha", alpha, "a number > 0")
     if not 0 <= dropout < 1:
         raise bad_value("method.dropout", dropout, "a number in [0, 1)")
@@ -104,6 +109,7 @@ class LoRA(PeftMethod):
 
     name: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
+    size_knob: ClassVar[str | None] = "r"  # also for LoRA-FA, LoRA+, Delta-LoRA, QLoRA
 
     r: int = 16
     alpha: float = 32.0
@@ -123,3 +129,36 @@ class LoRA(PeftMethod):
         if too_small:
             raise ConfigError(f"layers {too_small[:3]} are empty and cannot take a LoRA adapter")
         wrap_targets(model, names, lambda _name, layer: self.make_layer(layer))
+
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """PEFT's LORA adapter: ``lora_A.weight``, ``lora_B.weight`` per layer (PEFT names its matrices as
+        peftbench does: A (r, in), B (out, r); scaling alpha / r, or alpha / sqrt(r) with ``use_rslora``).
+
+        None where the trained model is not a plain LoRA on the original base: a subclass that changed the
+        base weights (`modifies_base`, e.g. Delta-LoRA) or whose layers carry more than A and B and that
+        does not define its own export."""
+        layers = {name: layer for name, layer in adapter_layers(model) if isinstance(layer, LoRALinear)}
+        if (
+            self.modifies_base
+            or not layers
+            or any(_own_state(layer) != LORA_TENSORS for layer in layers.values())
+        ):
+            return None
+        config = peft_lora_config(
+            model, layers, r=self.r, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora
+        )
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in layers.items():
+            tensors[peft_key(name, "lora_A.weight")] = exported(layer.lora_A)
+            tensors[peft_key(name, "lora_B.weight")] = exported(layer.lora_B)
+        return config, tensors
+
+
+#: the tensors of a plain LoRA layer besides its base (parameters or, for LoRA-FA's frozen A, buffers)
+LORA_TENSORS = frozenset({"lora_A", "lora_B"})
+
+
+def _own_state(layer: nn.Module) -> frozenset[str]:
+    """Names of the tensors a layer holds outside its wrapped base layer."""
+    names = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+    return frozenset(n for n in names if not n.startswith("base."))

@@ -10,6 +10,9 @@ The optional ``precondition`` flag is the gradient projection of the paper's v2 
 ``create_lorafa_optimizer`` does): ``g_B <- g_B (A A^T + 1e-8 I)^-1 / s^2`` before the optimizer sees
 it. It is applied inside the adapter's backward, so no special optimizer is needed; unlike PEFT, where it
 runs inside the optimizer step, it acts before gradient clipping.
+
+Export: a PEFT LORA adapter (`LoRA.peft_export`) with the frozen A as ``lora_A.weight``: PEFT's LoRA-FA is
+an optimizer over a plain LoRA, so the trained adapter is a plain LoRA.
 """
 
 from __future__ import annotations

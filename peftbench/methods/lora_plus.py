@@ -7,7 +7,8 @@ init are LoRA's (`LoRALinear`); only the optimizer groups differ, following the 
 trainable parameter of 2+ dimensions (e.g. a classifier head); group B at ``lr * ratio`` holds the LoRA B
 matrices and every trainable 1-D parameter. The reference's third group (LoRA on embeddings at 1e-6) does
 not arise: peftbench adapts linear layers only. The user's weight decay is applied in every group (the
-reference and HF PEFT's helper put 0 in every group unless told otherwise).
+reference and HF PEFT's helper put 0 in every group unless told otherwise). Export: a PEFT LORA adapter
+(`LoRA.peft_export`): the learning rates are a training matter only.
 """
 
 from __future__ import annotations

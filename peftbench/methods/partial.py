@@ -66,6 +66,7 @@ class Partial(BaseWeightsMethod):
     """The last `k` blocks, the final norm and the output head train; the rest stays frozen."""
 
     name: ClassVar[str] = "partial"
+    size_knob: ClassVar[str | None] = "k"  # whole blocks: a coarse knob
 
     k: int = 2
     #: a head tied to the input embeddings trains only when true (and then the embeddings train with it)

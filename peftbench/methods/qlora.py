@@ -4,6 +4,10 @@ Sec. 3: the base linear layers are stored in NF4 (blocksize 64) with double quan
 constants and are dequantized to the compute dtype (bf16) for every matmul; LoRA adapters (kept in the
 compute dtype) sit on ALL linear layers of the blocks. lm_head, embeddings and norms stay full precision.
 Quantization uses bitsandbytes' ``Linear4bit``; the LoRA part is `peftbench.methods.lora` unchanged.
+
+Export: `LoRA.peft_export` unchanged, a PEFT LORA adapter (PEFT's QLoRA is a LoRA config over a base loaded
+with ``BitsAndBytesConfig(load_in_4bit=True, ...)``); it loads on the 4-bit base it trained on, or on the
+full-precision base (then without the quantization error the adapter was trained against).
 """
 
 from __future__ import annotations

@@ -9,21 +9,27 @@ reference implementation and HF PEFT do when shapes differ).
 The shared pair lives once per model in a `VeRAProjections` module attached to the model as
 ``vera_projections``; the layers only refer to it (they do not register it), so ``state_dict`` holds it
 once. The adapter file stores the seed and the shapes, not the matrices, and reloading regenerates them.
+
+Export (`peft_export`): HF PEFT's VERA adapter. PEFT draws the same pair from ``projection_prng_key`` (A then
+B, kaiming-uniform, on CPU) and slices it the same way; the export sets ``save_projection: true`` and writes
+the matrices (``base_model.vera_A`` / ``vera_B``) beside each layer's ``vera_lambda_b`` (b) and
+``vera_lambda_d`` (d), so PEFT loads exactly ours rather than trusting its own generator.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftbench.errors import ConfigError, bad_value
-from peftbench.methods.base import AdapterLayer, PeftMethod
-from peftbench.methods.lora import adapter_dtype, base_weight
+from peftbench.methods.base import AdapterLayer, PeftMethod, adapter_layers
+from peftbench.methods.lora import adapter_dtype, base_weight, check_lora_hyperparameters
+from peftbench.methods.peft_format import exported, peft_key, peft_layer_config
 from peftbench.methods.registry import register
 from peftbench.methods.walker import ALL_LINEAR, find_targets, wrap_targets
 
@@ -124,6 +130,7 @@ class VeRA(PeftMethod):
 
     name: ClassVar[str] = "vera"
     mergeable: ClassVar[bool] = True
+    size_knob: ClassVar[str | None] = "r"  # trainable d has r entries per layer
 
     r: int = 256
     d_initial: float = 0.1
@@ -132,8 +139,7 @@ class VeRA(PeftMethod):
     target_modules: str | list[str] = ALL_LINEAR
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise bad_value("method.r", self.r, "an integer > 0")
+        check_lora_hyperparameters(self.r, None, self.dropout)  # r > 0, dropout in [0, 1); VeRA has no alpha
         if (
             isinstance(self.d_initial, bool)
             or not isinstance(self.d_initial, int | float)
@@ -145,8 +151,6 @@ class VeRA(PeftMethod):
         seed = self.projection_seed
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise bad_value("method.projection_seed", seed, "an integer in [0, 2**63)")
-        if not 0 <= self.dropout < 1:
-            raise bad_value("method.dropout", self.dropout, "a number in [0, 1)")
 
     def attach(self, model: nn.Module) -> None:
         if hasattr(model, PROJECTIONS):
@@ -171,6 +175,32 @@ class VeRA(PeftMethod):
         super().merge(model)
         delattr(model, PROJECTIONS)
         return model
+
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT's VERA adapter: the shared pair once (``base_model.vera_A`` (r, in_max), ``base_model.vera_B``
+        (out_max, r)) and per layer ``vera_lambda_b`` (b, out) and ``vera_lambda_d`` (d, r)."""
+        layers = {name: layer for name, layer in adapter_layers(model) if isinstance(layer, VeRALinear)}
+        projections: VeRAProjections = getattr(model, PROJECTIONS)
+        config = peft_layer_config(model, "VERA", layers) | {
+            "r": self.r,
+            "projection_prng_key": self.projection_seed,
+            "save_projection": True,
+            "vera_dropout": self.dropout,
+            "d_initial": self.d_initial,
+            "bias": "none",
+            "init_weights": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+        # PEFT keeps the pair on its tuner model (`base_model`), not inside the wrapped transformers model
+        tensors = {
+            "base_model.vera_A": exported(projections.vera_A),
+            "base_model.vera_B": exported(projections.vera_B),
+        }
+        for name, layer in layers.items():
+            tensors[peft_key(name, "vera_lambda_b")] = exported(layer.vera_b)
+            tensors[peft_key(name, "vera_lambda_d")] = exported(layer.vera_d)
+        return config, tensors
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The seed and shapes of the shared projections (not the matrices), plus a checksum."""

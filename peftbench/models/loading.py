@@ -1,14 +1,21 @@
-"""`load_model(cfg) -> (model, tokenizer)`: one entry point for embedded, random, hub and local models."""
+"""`load_model(cfg) -> (model, tokenizer)`: one entry point for embedded, random, hub and local models.
+
+`model.gradient_checkpointing: true` switches on transformers' activation checkpointing of every decoder
+layer (non-reentrant `torch.utils.checkpoint`: a layer's activations are recomputed in the backward pass
+instead of kept, which trades about one extra forward for the activation memory of the layers).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from peftbench.errors import ConfigError
+from peftbench.errors import ConfigError, bad_value
 from peftbench.models import embedded, tiny
 from peftbench.models.spec import ModelSpec
 
@@ -16,11 +23,53 @@ from peftbench.models.spec import ModelSpec
 def load_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
     """Load the model and tokenizer that the `model` config group describes.
 
-    `cfg` is a DictConfig, a mapping or a `ModelSpec` with the keys of `ModelSpec`. Returns the model in
-    eval mode, on CPU, in `cfg.dtype`, and its tokenizer with a pad token (eos where the checkpoint has
-    none; the padding side is left as the checkpoint sets it). Bad values raise `ConfigError`.
+    `cfg` is a DictConfig, a mapping or a `ModelSpec` with the keys of `ModelSpec`, plus the optional
+    `gradient_checkpointing` (default false). Returns the model in eval mode, on CPU, in `cfg.dtype`, and its
+    tokenizer with a pad token (eos where the checkpoint has none; the padding side is left as the
+    checkpoint sets it). Bad values raise `ConfigError`.
     """
-    spec = ModelSpec.from_config(cfg)
+    cfg, checkpointing = _split_runtime_options(cfg)
+    model, tokenizer = _load(ModelSpec.from_config(cfg))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
+
+
+def _split_runtime_options(cfg: Any) -> tuple[Any, bool]:
+    """`(cfg without gradient_checkpointing, gradient_checkpointing)`: an option of the loaded model's
+    training, not of what is loaded (a `ModelSpec` has no such field)."""
+    if isinstance(cfg, ModelSpec):
+        return cfg, False
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    if not isinstance(values, Mapping) or "gradient_checkpointing" not in values:
+        return cfg, False
+    values = dict(values)
+    checkpointing = values.pop("gradient_checkpointing")
+    if checkpointing is None:
+        checkpointing = False
+    if not isinstance(checkpointing, bool):
+        raise bad_value("model.gradient_checkpointing", checkpointing, "true, false")
+    return values, checkpointing
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers' switch). transformers
+    also makes the input embeddings' output require grad, so gradients reach adapter layers inside a
+    checkpointed layer even when everything before it is frozen (what reentrant checkpointing needs;
+    harmless for the non-reentrant kind). Active in training mode only."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise bad_value(
+            "model.gradient_checkpointing", True, f"false ({type(model).__name__} does not support it)"
+        )
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _load(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
     if spec.scheme == "random":
         return _load_random(spec)
     if spec.scheme == "embedded":

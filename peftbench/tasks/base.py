@@ -1,12 +1,15 @@
 """The Task protocol: what the LightningModule and `run.py` need from a task, and nothing more.
 
 A task owns its data (loading, dedupe, deterministic split, tokenization), its objective (`loss`) and its
-metrics (`evaluate`, per example; the module averages). It never sees the PEFT method.
+metrics: `evaluate` gives per-example values for each batch, the module gathers them over the whole
+evaluation pass and hands them to `aggregate`, which returns the pass's metrics (default: `mean_metrics`,
+the mean of every list; a corpus-level metric such as macro-F1 is computed there from the gathered
+predictions). It never sees the PEFT method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -14,6 +17,11 @@ import torch
 from torch.utils.data import DataLoader
 
 Batch = dict[str, Any]
+
+
+def mean_metrics(outputs: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The default `aggregate`: the mean of each non-empty list of per-example values."""
+    return {key: float(sum(values)) / len(values) for key, values in outputs.items() if len(values)}
 
 
 @runtime_checkable
@@ -48,8 +56,16 @@ class Task(Protocol):
         """Mean token loss over the target tokens, and the number of target tokens."""
         ...
 
-    def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[float]]:
-        """Per-example scores, one list per metric, each as long as the batch."""
+    def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[Any]]:
+        """Per-example values, one list per key, each as long as the batch (a once-per-pass value, e.g. the
+        forgetting probe, is a list of one on the pass's first batch): scores, or raw outputs such as
+        predicted and true labels for `aggregate` to turn into corpus-level metrics."""
+        ...
+
+    def aggregate(self, outputs: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        """The metrics of one evaluation pass from `outputs`: each key's values over every batch of the pass,
+        in loader order. Keys holding raw outputs are consumed here and not reported; `mean_metrics` is
+        the default (every key a score, averaged over the examples)."""
         ...
 
     def split_sizes(self) -> dict[str, int]:

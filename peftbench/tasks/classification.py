@@ -18,21 +18,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from peftbench.errors import ConfigError
-from peftbench.tasks.base import Batch
+from peftbench.tasks.base import Batch, mean_metrics
 from peftbench.tasks.collate import IGNORE_INDEX, _pad, pad_token_id, render_prompt, truncate_texts
-from peftbench.tasks.common import PASS_START, classifier_head, is_causal_lm, make_loader, positive_int
-from peftbench.tasks.labels import RunningMacroF1, accuracy
+from peftbench.tasks.common import check_template, classifier_head, is_causal_lm, positive_int
+from peftbench.tasks.datatask import Collate, DataTask
+from peftbench.tasks.labels import accuracy, confusion_matrix, macro_f1
 from peftbench.tasks.logprobs import hidden_and_head
-from peftbench.tasks.probe import ForgettingProbe
-from peftbench.tasks.sources import ROTTEN_TOMATOES, load_any_source, map_columns
-from peftbench.tasks.splits import check_split_spec, split_records
+from peftbench.tasks.sources import ROTTEN_TOMATOES, map_columns
+from peftbench.tasks.splits import split_records
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +81,11 @@ def _labels_list(name: str, value: Any) -> list[str] | None:
     return items
 
 
-class ClassificationTask:
+@dataclass(kw_only=True, eq=False)
+class ClassificationTask(DataTask):
     """Classify `text_column` into the labels of `label_column`.
 
-    Args:
-        dataset: `rotten_tomatoes` or `bbc_news` (embedded), a Hugging Face dataset id or a local directory.
-        data_files: a local JSON/JSONL/CSV/TSV/Parquet file; when set it wins over `dataset`.
-        subset, hf_split: HF config name and the one split to read (it is re-split here).
+    Args (besides `DataTask`'s: name, dataset, data_files, subset, hf_split, split, eval_batch_size, probe):
         text_column, label_column: the input text and its label (any value; compared as a string).
         labels: the label values in class-index order; records with other labels are dropped (counted).
             null: every label value in the data, sorted.
@@ -97,78 +94,48 @@ class ClassificationTask:
         formulation: `auto` (classifier on a sequence-classification model, verbaliser on a causal LM),
             `classifier` or `verbaliser`.
         max_tokens: the text is cut to this many tokens.
-        split: `{val, test}` counts or fractions (the rest is train) and `max_train`.
-        eval_batch_size: batch size for val/test (overrides the caller's when set).
         prompt: the verbaliser's user prompt, with `{text}` and optionally `{choices}` (the label words).
-        probe: the forgetting probe (`probe.py`); null disables it.
     """
 
-    primary_metric = "accuracy"
+    primary_metric: ClassVar[str] = "accuracy"
+    default_split: ClassVar[dict[str, Any]] = {"val": 100, "test": 300}
+    causal_lm_only: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        name: str = "classification",
-        dataset: str = ROTTEN_TOMATOES,
-        data_files: str | None = None,
-        subset: str | None = None,
-        hf_split: str = "train",
-        text_column: str = "text",
-        label_column: str = "category",
-        labels: Sequence[str] | None = None,
-        label_words: Sequence[str] | None = None,
-        num_labels: int | None = None,
-        formulation: str = "auto",
-        max_tokens: int = 128,
-        split: Mapping[str, Any] | None = None,
-        eval_batch_size: int | None = 32,
-        prompt: str = DEFAULT_PROMPT,
-        probe: Mapping[str, Any] | bool | None = True,
-    ) -> None:
-        self.name = name
-        self.dataset, self.data_files, self.subset, self.hf_split = dataset, data_files, subset, hf_split
-        self.text_column, self.label_column = text_column, label_column
-        self.labels = _labels_list("labels", labels)
-        self.label_words = _labels_list("label_words", label_words)
+    name: str = "classification"
+    dataset: str = ROTTEN_TOMATOES
+    eval_batch_size: int | None = 32
+    text_column: str = "text"
+    label_column: str = "category"
+    labels: Sequence[str] | None = None
+    label_words: Sequence[str] | None = None
+    num_labels: int | None = None
+    formulation: str = "auto"
+    max_tokens: int = 128
+    prompt: str = DEFAULT_PROMPT
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.labels = _labels_list("labels", self.labels)
+        self.label_words = _labels_list("label_words", self.label_words)
         if self.labels and self.label_words and len(self.labels) != len(self.label_words):
             raise ConfigError(
                 f"task.label_words has {len(self.label_words)} entries for {len(self.labels)} labels; "
                 "accepted: one word per label"
             )
-        self.num_labels = None if num_labels is None else positive_int("num_labels", num_labels)
+        if self.num_labels is not None:
+            positive_int("num_labels", self.num_labels)
         if self.labels and self.num_labels is not None and self.num_labels != len(self.labels):
             raise ConfigError(
-                f"task.num_labels={num_labels} but task.labels lists {len(self.labels)}; accepted: "
+                f"task.num_labels={self.num_labels} but task.labels lists {len(self.labels)}; accepted: "
                 f"num_labels={len(self.labels)}"
             )
-        if formulation not in FORMULATIONS:
+        if self.formulation not in FORMULATIONS:
             raise ConfigError(
-                f"task.formulation={formulation!r} is not valid; accepted: {', '.join(FORMULATIONS)}"
+                f"task.formulation={self.formulation!r} is not valid; accepted: {', '.join(FORMULATIONS)}"
             )
-        self.formulation = formulation
-        self.max_tokens = positive_int("max_tokens", max_tokens)
-        self.eval_batch_size = (
-            None if eval_batch_size is None else positive_int("eval_batch_size", eval_batch_size)
-        )
-        self.split = check_split_spec(split if split is not None else {"val": 100, "test": 300})
-        if "{text}" not in prompt:
-            raise ConfigError(
-                f"task.prompt={prompt!r} is not valid; accepted: a template containing {{text}}"
-            )
-        try:
-            prompt.format(text="", choices="")
-        except (KeyError, IndexError, ValueError) as error:
-            raise ConfigError(
-                f"task.prompt={prompt!r} is not valid ({error!r}); accepted: a template whose fields are "
-                "{text} and {choices} (write literal braces as {{ }})"
-            ) from None
-        self.prompt = prompt
-        self.probe = ForgettingProbe(probe)
-        self.stats: dict[str, int] = {}
+        positive_int("max_tokens", self.max_tokens)
+        check_template(self.prompt, "text", ["text", "choices"])
         self._records: dict[str, list[dict[str, str]]] = {}
-        self._data: dict[str, list[LabelledText]] = {}
-        self._tokenizer: Any = None
-        self._seed = 0
-        self._f1: RunningMacroF1 | None = None
         self._first_token_ids: torch.Tensor | None = None
         self._cache: tuple[Any, torch.Tensor, int, torch.Tensor] | None = None
 
@@ -176,7 +143,7 @@ class ClassificationTask:
     def setup(self, tokenizer: Any, seed: int) -> None:
         """Load, map columns, fix the label set, dedupe and split. Tokenization waits for the formulation
         (known from `head(model)`, or from `task.formulation`)."""
-        raw = load_any_source(self.dataset, self.data_files, self.subset, self.hf_split)
+        raw = self.read_source()
         records, n_empty = map_columns(raw, {"text": self.text_column, "label": self.label_column})
         found = sorted({r["label"] for r in records})
         labels = self.labels or found
@@ -206,15 +173,13 @@ class ClassificationTask:
         self.labels, self.num_labels = labels, len(labels)
         self.label_words = self.label_words or list(labels)
         splits = split_records(kept, key=lambda r: r["text"], **self.split)
-        self._records = {"train": splits.train, "val": splits.val, "test": splits.test}
+        self._records = splits.parts()
         self._tokenizer, self._seed = tokenizer, seed
         self._data = {}
-        self._f1 = RunningMacroF1(len(labels))
         if getattr(tokenizer, "eos_token_id", None) is not None:  # a causal LM's tokenizer: probe it
-            self.probe.setup(tokenizer)
+            self.forgetting.setup(tokenizer)
         self.stats = {
-            "records_read": len(raw.records),
-            **{f"source_{k}": v for k, v in raw.stats.items()},
+            **raw.counts(),
             "empty_dropped": n_empty,
             "other_label_dropped": len(records) - len(kept),
             "duplicates_dropped": splits.n_duplicates,
@@ -305,39 +270,23 @@ class ClassificationTask:
                 )
             self._data[part] = data
 
-    def use_reference(self, reference: Any) -> None:
-        """Classification needs no reference model."""
-
     def split_sizes(self) -> dict[str, int]:
-        """`{"train": n, "val": n, "test": n}` (zeros before `setup`)."""
+        """`{"train": n, "val": n, "test": n}` (zeros before `setup`; known before tokenization)."""
         return {part: len(self._records.get(part, [])) for part in ("train", "val", "test")}
 
-    def _loader(self, part: str, batch_size: int, shuffle: bool) -> DataLoader:
-        if part not in self._records:
-            raise RuntimeError(
-                f"{self.name}: call setup(tokenizer, seed) before asking for the {part} loader"
-            )
-        if part not in self._data:
+    def examples(self, part: str) -> list[LabelledText]:
+        """The tokenized examples of `part`: after `setup` and, with `formulation: auto`, `head(model)`."""
+        if part in self._records and part not in self._data:
             raise RuntimeError(
                 f"{self.name}: formulation is 'auto': call head(model) (or set task.formulation) before "
-                f"asking "
-                f"for the {part} loader"
+                f"asking for the {part} loader"
             )
-        pad = pad_token_id(self._tokenizer)
-        collate = ClassificationCollator(pad, verbaliser=self.formulation == "verbaliser")
-        return make_loader(self._data[part], batch_size, collate, shuffle, self._seed)
+        return super().examples(part)
 
-    def train_dataloader(self, batch_size: int) -> DataLoader:
-        """Right-padded training batches, shuffled by a generator seeded with `setup`'s seed."""
-        return self._loader("train", batch_size, shuffle=True)
-
-    def val_dataloader(self, batch_size: int) -> DataLoader:
-        """Validation batches in a fixed order (`eval_batch_size` when set)."""
-        return self._loader("val", self.eval_batch_size or batch_size, shuffle=False)
-
-    def test_dataloader(self, batch_size: int) -> DataLoader:
-        """Test batches in a fixed order (`eval_batch_size` when set)."""
-        return self._loader("test", self.eval_batch_size or batch_size, shuffle=False)
+    def collator(self, train: bool) -> Collate:
+        """Right-padded batches with `class_labels` (and the verbaliser's token labels)."""
+        verbaliser = self.formulation == "verbaliser"
+        return ClassificationCollator(pad_token_id(self._tokenizer), verbaliser=verbaliser)
 
     # ---- objective and metrics -----------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -389,20 +338,26 @@ class ClassificationTask:
         words' first-token logits at the position right after the prompt."""
         return self._forward(model, batch)[2]
 
-    def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[float]]:
-        """Per-example `accuracy` (x 100); `macro_f1` as running increments (their pass mean is the
-        corpus macro-F1 x 100); `probe_loss` once per pass on causal LMs."""
-        if self._f1 is None:
-            raise RuntimeError(f"{self.name}: call setup(tokenizer, seed) first")
-        if batch.get(PASS_START):
-            self._f1.reset()
+    def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[Any]]:
+        """Per example: `accuracy` (x 100), the true `label` and the `predicted` one (for `aggregate`'s
+        macro-F1); `probe_loss` once per pass on causal LMs."""
         truth = batch["class_labels"].tolist()
         predicted = self.predict(model, batch).tolist()
         return {
             "accuracy": accuracy(truth, predicted),
-            "macro_f1": self._f1.update(truth, predicted),
-            **self.probe.scores(model, batch),
+            "label": truth,
+            "predicted": predicted,
+            **self.forgetting.scores(model, batch),
         }
+
+    def aggregate(self, outputs: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        """Means of the per-example scores, and `macro_f1` (x 100) of the pass's confusion matrix."""
+        scores = {k: v for k, v in outputs.items() if k not in ("label", "predicted")}
+        metrics = mean_metrics(scores)
+        truth, predicted = outputs.get("label", []), outputs.get("predicted", [])
+        if truth:
+            metrics["macro_f1"] = macro_f1(confusion_matrix(truth, predicted, len(self.labels or [])))
+        return metrics
 
 
 def _choices(words: Sequence[str]) -> str:

@@ -1,4 +1,5 @@
-"""Small pieces the tasks share: argument checks, model-kind checks, loaders, the eval-pass marker."""
+"""Small pieces the tasks share: argument checks, model-kind checks, loaders, the eval-pass marker,
+greedy answers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftbench.errors import ConfigError
+from peftbench.tasks.collate import pad_token_id
 
 #: batch key set on the first batch of every evaluation pass (see `MarkPassStart`)
 PASS_START = "eval_pass_start"
@@ -26,6 +28,24 @@ def positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigError(f"task.{name}={value!r} is not valid; accepted: a number > 0")
     return float(value)
+
+
+def check_template(prompt: Any, required: str, fields: Sequence[str]) -> str:
+    """`prompt` if it is a format string holding `{required}` whose fields are among `fields`, else a
+    one-line ConfigError naming `task.prompt`."""
+    if not isinstance(prompt, str) or f"{{{required}}}" not in prompt:
+        raise ConfigError(
+            f"task.prompt={prompt!r} is not valid; accepted: a template containing {{{required}}}"
+        )
+    try:
+        prompt.format(**dict.fromkeys(fields, ""))
+    except (KeyError, IndexError, ValueError) as error:
+        named = " and ".join(f"{{{f}}}" for f in fields)
+        raise ConfigError(
+            f"task.prompt={prompt!r} is not valid ({error!r}); accepted: a template whose fields are {named} "
+            "(write literal braces as {{ }})"
+        ) from None
+    return prompt
 
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
@@ -102,3 +122,20 @@ def make_loader(
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)  # type: ignore[arg-type]
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=MarkPassStart(collate, data))  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of the batch's left-padded prompts (`gen_input_ids`, `gen_attention_mask`):
+    the new tokens only, decoded without special tokens, stripped."""
+    prompt_ids = batch["gen_input_ids"]
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=batch["gen_attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    texts = tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+    return [text.strip() for text in texts]

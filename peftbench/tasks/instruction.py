@@ -33,22 +33,21 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch
 from peftbench.tasks.collate import CausalLMCollator, Encoded, pad_token_id, render_prompt, truncate_texts
-from peftbench.tasks.common import make_loader, positive_int, require_causal_lm, require_eos
+from peftbench.tasks.common import greedy_answers, positive_int, require_eos
+from peftbench.tasks.datatask import Collate, DataTask
 from peftbench.tasks.labels import answer_matches
 from peftbench.tasks.logprobs import response_logprobs
 from peftbench.tasks.objectives import target_token_loss
-from peftbench.tasks.probe import ForgettingProbe
 from peftbench.tasks.rouge import rouge_scores
 from peftbench.tasks.sources import ACLSUM, BBC_NEWS, ROTTEN_TOMATOES, RawData, load_any_source
-from peftbench.tasks.splits import check_split_spec, content_hash, split_records
+from peftbench.tasks.splits import content_hash, split_records
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +132,20 @@ def _label_types(kind_names: Sequence[str]) -> list[str]:
     return [k for k in kind_names if k in MIXTURE_TYPES and MIXTURE_TYPES[k].label_like]
 
 
-class InstructionTask:
+@dataclass(kw_only=True, eq=False)
+class InstructionTask(DataTask):
     """SFT on instruction -> response examples (see the module doc).
 
-    Args:
-        dataset: `mixture` (the default, built from the embedded corpora), `rotten_tomatoes` / `bbc_news` /
-            `aclsum` are not instruction data; a Hugging Face dataset id or a local dataset directory.
-        data_files: a local Alpaca / chat-format file; when set it wins over `dataset`.
-        subset, hf_split: HF config name and the one split to read (it is re-split here).
+    Args (besides `DataTask`'s: name, dataset, data_files, subset, hf_split, split, eval_batch_size, probe;
+    here `dataset: mixture` is the default, and `split` applies PER TYPE, `max_train` capping each type):
         format: `auto` (messages when the data has `messages_column`, else Alpaca), `alpaca`, `messages`.
         instruction_column, input_column, output_column: Alpaca columns (`input` may be absent or empty).
         messages_column: the chat-format column.
         type_column: a column naming each example's instruction type (files; null: one type).
         types: the mixture's types to use (null: all of `MIXTURE_TYPES`).
         held_out_types: types never trained on, only evaluated. null: `DEFAULT_HELD_OUT` for the mixture
-            (those of its types in use, when others remain), none for files; `[]`: none.
+            (those of its types in use, when others remain), none for files; `[]`: none. After `setup`
+            it holds the types actually held out.
         exact_match_types: types scored by exact match (null: the mixture's label-like types).
         max_source_tokens: the text an instruction is about (article, review, abstract, Alpaca `input`) is
             cut to this many tokens.
@@ -155,77 +153,52 @@ class InstructionTask:
         max_target_tokens: the response is cut to this many tokens, EOS included.
         max_new_tokens: generation budget for ROUGE-scored types.
         label_new_tokens: generation budget for exact-match types.
-        split: per type: `{val, test}` counts or fractions, `max_train` (cap per type, or null).
-        eval_batch_size: batch size for val/test (overrides the caller's when set).
-        probe: the forgetting probe (`probe.py`); null disables it.
     """
 
-    primary_metric = "score"
+    primary_metric: ClassVar[str] = "score"
+    default_split: ClassVar[dict[str, Any]] = {"val": 8, "test": 32, "max_train": 1000}
 
-    def __init__(
-        self,
-        name: str = "instruction",
-        dataset: str = MIXTURE,
-        data_files: str | None = None,
-        subset: str | None = None,
-        hf_split: str = "train",
-        format: str = "auto",
-        instruction_column: str = "instruction",
-        input_column: str = "input",
-        output_column: str = "output",
-        messages_column: str = "messages",
-        type_column: str | None = None,
-        types: Sequence[str] | None = None,
-        held_out_types: Sequence[str] | None = None,
-        exact_match_types: Sequence[str] | None = None,
-        max_source_tokens: int = 160,
-        max_prompt_tokens: int = 512,
-        max_target_tokens: int = 48,
-        max_new_tokens: int = 32,
-        label_new_tokens: int = 4,
-        split: Mapping[str, Any] | None = None,
-        eval_batch_size: int | None = 16,
-        probe: Mapping[str, Any] | bool | None = True,
-    ) -> None:
-        self.name = name
-        self.dataset, self.data_files, self.subset, self.hf_split = dataset, data_files, subset, hf_split
-        if format not in FORMATS:
-            raise ConfigError(f"task.format={format!r} is not valid; accepted: {', '.join(FORMATS)}")
-        self.format = format
+    name: str = "instruction"
+    dataset: str = MIXTURE
+    format: str = "auto"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    messages_column: str = "messages"
+    type_column: str | None = None
+    types: Sequence[str] | None = None
+    held_out_types: Sequence[str] | None = None
+    exact_match_types: Sequence[str] | None = None
+    max_source_tokens: int = 160
+    max_prompt_tokens: int = 512
+    max_target_tokens: int = 48
+    max_new_tokens: int = 32
+    label_new_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format not in FORMATS:
+            raise ConfigError(f"task.format={self.format!r} is not valid; accepted: {', '.join(FORMATS)}")
         self.columns = {
-            "instruction": instruction_column,
-            "input": input_column,
-            "output": output_column,
-            "messages": messages_column,
+            "instruction": self.instruction_column,
+            "input": self.input_column,
+            "output": self.output_column,
+            "messages": self.messages_column,
         }
-        self.type_column = type_column
-        self.types = list(types) if types is not None else list(MIXTURE_TYPES)
+        self.types = list(self.types) if self.types is not None else list(MIXTURE_TYPES)
         unknown = [t for t in self.types if t not in MIXTURE_TYPES]
         if unknown or not self.types:
             raise ConfigError(
                 f"task.types={list(self.types)} is not valid; accepted: a non-empty list of "
                 f"{', '.join(MIXTURE_TYPES)}"
             )
-        self.requested_held_out = None if held_out_types is None else list(held_out_types)
-        self.held_out_types: list[str] = []
-        self.exact_match_types = None if exact_match_types is None else list(exact_match_types)
-        self.max_source_tokens = positive_int("max_source_tokens", max_source_tokens)
-        self.max_prompt_tokens = positive_int("max_prompt_tokens", max_prompt_tokens)
-        self.max_target_tokens = positive_int("max_target_tokens", max_target_tokens)
-        self.max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
-        self.label_new_tokens = positive_int("label_new_tokens", label_new_tokens)
-        self.eval_batch_size = (
-            None if eval_batch_size is None else positive_int("eval_batch_size", eval_batch_size)
-        )
-        self.split = check_split_spec(
-            split if split is not None else {"val": 8, "test": 32, "max_train": 1000}
-        )
-        self.probe = ForgettingProbe(probe)
-        self.stats: dict[str, int] = {}
+        self.requested_held_out = None if self.held_out_types is None else list(self.held_out_types)
+        self.held_out_types = []  # resolved in `setup`
+        self.exact_match_types = None if self.exact_match_types is None else list(self.exact_match_types)
+        for key in ("max_source_tokens", "max_prompt_tokens", "max_target_tokens", "max_new_tokens"):
+            positive_int(key, getattr(self, key))
+        positive_int("label_new_tokens", self.label_new_tokens)
         self.exact_types: set[str] = set()
-        self._data: dict[str, list[InstructionExample]] = {}
-        self._tokenizer: Any = None
-        self._seed = 0
         self._cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     # ---- data: records {type, prompt (user text or a JSON list of messages), target} -------------------
@@ -256,7 +229,7 @@ class InstructionTask:
 
     def _from_file(self) -> tuple[list[dict[str, str]], dict[str, int]]:
         """Alpaca or chat-format records from a local file or an HF dataset."""
-        raw = load_any_source(self.dataset, self.data_files, self.subset, self.hf_split)
+        raw = self.read_source()
         cols = self.columns
         fmt = self.format
         if fmt == "auto":
@@ -307,12 +280,7 @@ class InstructionTask:
                         "chat": "1",
                     }
                 )
-        stats = {
-            "records_read": len(raw.records),
-            **{f"source_{k}": v for k, v in raw.stats.items()},
-            "malformed_dropped": dropped,
-        }
-        return records, stats
+        return records, {**raw.counts(), "malformed_dropped": dropped}
 
     def _type_of(self, record: Mapping[str, Any]) -> str:
         if not self.type_column:
@@ -363,7 +331,7 @@ class InstructionTask:
         for part, rows in parts.items():
             self._data[part] = self._encode(self._fill_prompts(rows) if mixture else rows)
         too_long = sum(len(rows) - len(self._data[p]) for p, rows in parts.items())
-        self.probe.setup(tokenizer)
+        self.forgetting.setup(tokenizer)
         self.stats = {
             **stats,
             "types": len(kinds),
@@ -408,37 +376,10 @@ class InstructionTask:
             if len(p) <= self.max_prompt_tokens
         ]
 
-    def head(self, model: torch.nn.Module) -> None:
-        """No head (the LM head generates); checks the model is a causal LM."""
-        require_causal_lm(model, self.name)
-        return None
-
-    def use_reference(self, reference: Any) -> None:
-        """SFT needs no reference model."""
-
-    def split_sizes(self) -> dict[str, int]:
-        """`{"train": n, "val": n, "test": n}` (zeros before `setup`)."""
-        return {part: len(self._data.get(part, [])) for part in ("train", "val", "test")}
-
-    def _loader(self, part: str, batch_size: int, shuffle: bool) -> DataLoader:
-        if part not in self._data:
-            raise RuntimeError(
-                f"{self.name}: call setup(tokenizer, seed) before asking for the {part} loader"
-            )
-        collate = InstructionCollator(pad_token_id(self._tokenizer), for_generation=not shuffle)
-        return make_loader(self._data[part], batch_size, collate, shuffle, self._seed)
-
-    def train_dataloader(self, batch_size: int) -> DataLoader:
-        """Right-padded training batches, shuffled by a generator seeded with `setup`'s seed."""
-        return self._loader("train", batch_size, shuffle=True)
-
-    def val_dataloader(self, batch_size: int) -> DataLoader:
-        """Validation batches (with generation inputs), grouped by type, fixed order."""
-        return self._loader("val", self.eval_batch_size or batch_size, shuffle=False)
-
-    def test_dataloader(self, batch_size: int) -> DataLoader:
-        """Test batches (with generation inputs), grouped by type, fixed order."""
-        return self._loader("test", self.eval_batch_size or batch_size, shuffle=False)
+    def collator(self, train: bool) -> Collate:
+        """Right-padded batches with each example's type; evaluation batches also carry the left-padded
+        prompts and references (grouped by type: the eval splits are built type by type)."""
+        return InstructionCollator(pad_token_id(self._tokenizer), for_generation=not train)
 
     # ---- objective and metrics -----------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -463,22 +404,12 @@ class InstructionTask:
         self._cache = (batch, logps, counts)
         return logps, counts
 
-    @torch.no_grad()
     def generate(self, model: Any, batch: Batch) -> list[str]:
         """Greedy answers for the batch's left-padded prompts: new tokens only, stripped. The budget is
         `label_new_tokens` when every example is exact-match scored, else `max_new_tokens`."""
         exact = all(kind in self.exact_types for kind in batch["types"])
-        prompt_ids = batch["gen_input_ids"]
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=batch["gen_attention_mask"],
-            max_new_tokens=self.label_new_tokens if exact else self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_token_id(self._tokenizer),
-            eos_token_id=self._tokenizer.eos_token_id,
-        )
-        texts = self._tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        budget = self.label_new_tokens if exact else self.max_new_tokens
+        return greedy_answers(model, self._tokenizer, batch, budget)
 
     def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, list[float]]:
         """Per example: its type's score (`accuracy/<type>` or `rouge_l/<type>`), `loss/<type>`, and the
@@ -498,7 +429,7 @@ class InstructionTask:
             seen = "score_unseen" if kind in self.held_out_types else "score_seen"
             for name, v in ((key, value), ("score", value), (seen, value), (f"loss/{kind}", losses[i])):
                 out.setdefault(name, []).append(v)
-        return out | self.probe.scores(model, batch)
+        return out | self.forgetting.scores(model, batch)
 
 
 def _messages(value: Any) -> list[dict[str, str]] | None:

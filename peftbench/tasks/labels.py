@@ -1,11 +1,8 @@
-"""Label metrics: accuracy, a corpus macro-F1 that fits the per-example metric protocol, answer matching.
+"""Label metrics: accuracy (per example), macro-F1 (of the whole evaluation pass), answer matching.
 
-The module averages whatever per-example lists `evaluate` returns. Accuracy is a mean over examples; macro-F1
-is not (it is a function of the whole confusion matrix). `RunningMacroF1` bridges this: it accumulates the
-confusion matrix over an evaluation pass and emits, for each batch, values whose running mean equals the
-macro-F1 of everything seen so far. The module's final average is therefore exactly the corpus macro-F1
-of the pass (also when `limit_val_batches` cuts the pass short). The individual values are increments,
-not per-example scores; only their mean is meaningful. It needs batches in a fixed order, one process.
+Accuracy is a mean over examples. Macro-F1 is not: it is a function of the pass's confusion matrix, so the
+classification task returns each example's true and predicted label from `evaluate` and computes macro-F1
+in `aggregate` (`base.py`), from everything the pass saw (also when `limit_val_batches` cuts it short).
 """
 
 from __future__ import annotations
@@ -33,31 +30,12 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return float(100.0 * f1[present].mean())
 
 
-class RunningMacroF1:
-    """Corpus macro-F1 over an evaluation pass, delivered as per-example increments (see the module doc)."""
-
-    def __init__(self, num_labels: int) -> None:
-        self.num_labels = num_labels
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new evaluation pass."""
-        self.confusion = torch.zeros(self.num_labels, self.num_labels, dtype=torch.long)
-        self.seen = 0
-        self.value = 0.0
-
-    def update(self, truth: Sequence[int], predicted: Sequence[int]) -> list[float]:
-        """Add a batch; returns `len(truth)` equal values such that the mean of all values returned since
-        `reset()` equals the macro-F1 (x 100) of all pairs added since `reset()`."""
-        n = len(truth)
-        if n == 0:
-            return []
-        for t, p in zip(truth, predicted, strict=True):
-            self.confusion[int(t), int(p)] += 1
-        before = self.seen * self.value
-        self.seen += n
-        self.value = macro_f1(self.confusion)
-        return [(self.seen * self.value - before) / n] * n
+def confusion_matrix(truth: Sequence[int], predicted: Sequence[int], num_labels: int) -> torch.Tensor:
+    """`(num_labels, num_labels)` counts: rows the true label, columns the predicted one."""
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    for t, p in zip(truth, predicted, strict=True):
+        confusion[int(t), int(p)] += 1
+    return confusion
 
 
 def accuracy(truth: Sequence[int], predicted: Sequence[int]) -> list[float]:

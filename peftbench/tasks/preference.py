@@ -24,20 +24,25 @@ import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch
 from peftbench.tasks.collate import IGNORE_INDEX, _pad, encode_examples, pad_token_id
-from peftbench.tasks.common import make_loader, positive_float, positive_int, require_causal_lm, require_eos
+from peftbench.tasks.common import (
+    check_template,
+    positive_float,
+    positive_int,
+    require_causal_lm,
+    require_eos,
+)
+from peftbench.tasks.datatask import Collate, DataTask
 from peftbench.tasks.dpo import DPOOutput, dpo_loss
 from peftbench.tasks.logprobs import response_logprobs
-from peftbench.tasks.probe import ForgettingProbe
-from peftbench.tasks.sources import BBC_NEWS, load_any_source, map_columns
-from peftbench.tasks.splits import check_split_spec, normalise, split_records
+from peftbench.tasks.sources import map_columns
+from peftbench.tasks.splits import normalise, split_records
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +99,12 @@ def same_group_pairs(rows: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, 
     return pairs, skipped
 
 
-class PreferenceTask:
+@dataclass(kw_only=True, eq=False)
+class PreferenceTask(DataTask):
     """DPO on preference pairs.
 
-    Args:
-        dataset: `bbc_news` (embedded), a Hugging Face dataset id, or a local dataset directory.
-        data_files: a local JSON/JSONL/CSV/TSV/Parquet file; when set it wins over `dataset`.
-        subset, hf_split: HF config name and the one split to read (it is re-split here).
+    Args (besides `DataTask`'s: name, dataset, data_files, subset, hf_split, split, eval_batch_size, probe;
+    here `split` is over sources / prompts and `eval_batch_size` counts pairs):
         pairing: `same_group` (build pairs from `source_column` / `target_column` / `group_column`),
             `columns` (read `prompt_column` / `chosen_column` / `rejected_column`), or `auto` (columns when
             the data has the chosen and rejected columns).
@@ -109,61 +113,44 @@ class PreferenceTask:
         beta: the DPO temperature (paper default 0.1).
         max_source_tokens: the source (or the prompt, for `columns`) is cut to this many tokens.
         max_target_tokens: each response is cut to this many tokens, EOS included.
-        split: `{val, test}` counts or fractions and `max_train`; the split is over sources / prompts.
-        eval_batch_size: pairs per val/test batch (overrides the caller's when set).
         prompt: for `same_group`, the user prompt around `{source}`.
-        probe: the forgetting probe (`probe.py`); null disables it.
     """
 
-    primary_metric = "reward_accuracy"
+    primary_metric: ClassVar[str] = "reward_accuracy"
+    default_split: ClassVar[dict[str, Any]] = {"val": 32, "test": 128}
 
-    def __init__(
-        self,
-        name: str = "preference",
-        dataset: str = BBC_NEWS,
-        data_files: str | None = None,
-        subset: str | None = None,
-        hf_split: str = "train",
-        pairing: str = "auto",
-        source_column: str = "text",
-        target_column: str = "title",
-        group_column: str = "category",
-        prompt_column: str = "prompt",
-        chosen_column: str = "chosen",
-        rejected_column: str = "rejected",
-        beta: float = 0.1,
-        max_source_tokens: int = 128,
-        max_target_tokens: int = 32,
-        split: Mapping[str, Any] | None = None,
-        eval_batch_size: int | None = 16,
-        prompt: str = DEFAULT_PROMPT,
-        probe: Mapping[str, Any] | bool | None = True,
-    ) -> None:
-        self.name = name
-        self.dataset, self.data_files, self.subset, self.hf_split = dataset, data_files, subset, hf_split
-        if pairing not in PAIRINGS:
-            raise ConfigError(f"task.pairing={pairing!r} is not valid; accepted: {', '.join(PAIRINGS)}")
-        self.pairing = pairing
-        self.group_columns = {"source": source_column, "target": target_column, "group": group_column}
-        self.pair_columns = {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
-        self.beta = positive_float("beta", beta)
-        self.max_source_tokens = positive_int("max_source_tokens", max_source_tokens)
-        self.max_target_tokens = positive_int("max_target_tokens", max_target_tokens)
-        self.eval_batch_size = (
-            None if eval_batch_size is None else positive_int("eval_batch_size", eval_batch_size)
-        )
-        self.split = check_split_spec(split if split is not None else {"val": 32, "test": 128})
-        if "{source}" not in prompt:
-            raise ConfigError(
-                f"task.prompt={prompt!r} is not valid; accepted: a template containing {{source}}"
-            )
-        self.prompt = prompt
-        self.probe = ForgettingProbe(probe)
-        self.stats: dict[str, int] = {}
+    name: str = "preference"
+    pairing: str = "auto"
+    source_column: str = "text"
+    target_column: str = "title"
+    group_column: str = "category"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    beta: float = 0.1
+    max_source_tokens: int = 128
+    max_target_tokens: int = 32
+    prompt: str = DEFAULT_PROMPT
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(f"task.pairing={self.pairing!r} is not valid; accepted: {', '.join(PAIRINGS)}")
+        self.group_columns = {
+            "source": self.source_column,
+            "target": self.target_column,
+            "group": self.group_column,
+        }
+        self.pair_columns = {
+            "prompt": self.prompt_column,
+            "chosen": self.chosen_column,
+            "rejected": self.rejected_column,
+        }
+        self.beta = positive_float("beta", self.beta)
+        positive_int("max_source_tokens", self.max_source_tokens)
+        positive_int("max_target_tokens", self.max_target_tokens)
+        check_template(self.prompt, "source", ["source"])
         self.reference_kind = "unset"
-        self._data: dict[str, list[PreferencePair]] = {}
-        self._tokenizer: Any = None
-        self._seed = 0
         self._model: torch.nn.Module | None = None
         self._reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None
         self._frozen: torch.nn.Module | None = None
@@ -172,21 +159,17 @@ class PreferenceTask:
     # ---- data -----------------------------------------------------------------------------------------
     def _pairs(self) -> tuple[dict[str, list[dict[str, str]]], dict[str, int], str]:
         """The pairs of each split, counts worth reporting, and the pairing used."""
-        raw = load_any_source(self.dataset, self.data_files, self.subset, self.hf_split)
+        raw = self.read_source()
         pairing = self.pairing
         if pairing == "auto":
             has_pairs = {self.pair_columns["chosen"], self.pair_columns["rejected"]} <= set(raw.columns)
             pairing = "columns" if has_pairs else "same_group"
-        stats = {"records_read": len(raw.records), **{f"source_{k}": v for k, v in raw.stats.items()}}
+        stats = raw.counts()
         if pairing == "columns":
             records, n_empty = map_columns(raw, self.pair_columns)
             splits = split_records(records, key=lambda r: r["prompt"], **self.split)
-            parts = {"train": splits.train, "val": splits.val, "test": splits.test}
-            return (
-                parts,
-                {**stats, "empty_dropped": n_empty, "duplicates_dropped": splits.n_duplicates},
-                pairing,
-            )
+            stats |= {"empty_dropped": n_empty, "duplicates_dropped": splits.n_duplicates}
+            return splits.parts(), stats, pairing
         missing = [c for c in self.group_columns.values() if c not in raw.columns]
         if missing:
             raise ConfigError(
@@ -198,7 +181,7 @@ class PreferenceTask:
         records, n_empty = map_columns(raw, self.group_columns)
         splits = split_records(records, key=lambda r: r["source"], **self.split)
         parts, unpaired = {}, 0
-        for part, rows in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        for part, rows in splits.parts().items():
             parts[part], skipped = same_group_pairs(rows)
             unpaired += skipped
         stats |= {"empty_dropped": n_empty, "duplicates_dropped": splits.n_duplicates, "unpaired": unpaired}
@@ -215,27 +198,22 @@ class PreferenceTask:
         template = self.prompt if pairing == "same_group" else "{source}"  # a prompt column is used as is
         for part, rows in parts.items():
             sources = [r["prompt"] for r in rows]
-            chosen = encode_examples(
-                tokenizer,
-                template,
-                sources,
-                [r["chosen"] for r in rows],
-                self.max_source_tokens,
-                self.max_target_tokens,
-            )
-            rejected = encode_examples(
-                tokenizer,
-                template,
-                sources,
-                [r["rejected"] for r in rows],
-                self.max_source_tokens,
-                self.max_target_tokens,
+            chosen, rejected = (
+                encode_examples(
+                    tokenizer,
+                    template,
+                    sources,
+                    [r[side] for r in rows],
+                    self.max_source_tokens,
+                    self.max_target_tokens,
+                )
+                for side in ("chosen", "rejected")
             )
             self._data[part] = [
                 PreferencePair(c.prompt_ids, c.target_ids, r.target_ids)
                 for c, r in zip(chosen, rejected, strict=True)
             ]
-        self.probe.setup(tokenizer)
+        self.forgetting.setup(tokenizer)
         self.stats = {**stats, **self.split_sizes()}
         log.info("%s: %s", self.name, self.stats)
 
@@ -276,29 +254,9 @@ class PreferenceTask:
                 self._frozen.to(device)  # Lightning moved the policy, not this copy
             yield model
 
-    def split_sizes(self) -> dict[str, int]:
-        """Pairs per split: `{"train": n, "val": n, "test": n}` (zeros before `setup`)."""
-        return {part: len(self._data.get(part, [])) for part in ("train", "val", "test")}
-
-    def _loader(self, part: str, batch_size: int, shuffle: bool) -> DataLoader:
-        if part not in self._data:
-            raise RuntimeError(
-                f"{self.name}: call setup(tokenizer, seed) before asking for the {part} loader"
-            )
-        collate = PreferenceCollator(pad_token_id(self._tokenizer))
-        return make_loader(self._data[part], batch_size, collate, shuffle, self._seed)
-
-    def train_dataloader(self, batch_size: int) -> DataLoader:
-        """Shuffled batches of `batch_size` pairs (2 x batch_size rows)."""
-        return self._loader("train", batch_size, shuffle=True)
-
-    def val_dataloader(self, batch_size: int) -> DataLoader:
-        """Validation pairs in a fixed order (`eval_batch_size` when set)."""
-        return self._loader("val", self.eval_batch_size or batch_size, shuffle=False)
-
-    def test_dataloader(self, batch_size: int) -> DataLoader:
-        """Test pairs in a fixed order (`eval_batch_size` when set)."""
-        return self._loader("test", self.eval_batch_size or batch_size, shuffle=False)
+    def collator(self, train: bool) -> Collate:
+        """B pairs as 2B right-padded rows (chosen rows first); `batch_size` counts pairs."""
+        return PreferenceCollator(pad_token_id(self._tokenizer))
 
     # ---- objective and metrics -----------------------------------------------------------------------
     def _dpo(self, model: torch.nn.Module, batch: Batch) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
@@ -332,5 +290,5 @@ class PreferenceTask:
             "chosen_reward": out.chosen_rewards.tolist(),
             "rejected_reward": out.rejected_rewards.tolist(),
             "logp_accuracy": (100.0 * (policy[:n] > policy[n:]).float()).tolist(),
-            **self.probe.scores(model, batch),
+            **self.forgetting.scores(model, batch),
         }

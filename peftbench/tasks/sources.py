@@ -43,6 +43,10 @@ class RawData:
     origin: str
     stats: dict[str, int] = field(default_factory=dict)
 
+    def counts(self) -> dict[str, int]:
+        """`records_read` and the loader's own counts (`source_*`), for a task's `stats`."""
+        return {"records_read": len(self.records), **{f"source_{k}": v for k, v in self.stats.items()}}
+
 
 def _package_dir(package: str) -> Path:
     """Locate an installed package's directory without importing it."""

@@ -91,9 +91,13 @@ class Splits:
     test: list[Any]
     n_duplicates: int
 
+    def parts(self) -> dict[str, list[Any]]:
+        """`{"train": [...], "val": [...], "test": [...]}`."""
+        return {"train": self.train, "val": self.val, "test": self.test}
+
     def sizes(self) -> dict[str, int]:
         """`{"train": n, "val": n, "test": n}`."""
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        return {part: len(rows) for part, rows in self.parts().items()}
 
 
 def split_records(
