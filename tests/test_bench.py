@@ -10,7 +10,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from peftbench.bench.__main__ import translate_argv
 from peftbench.bench.memory_split import SavedTensorBytes, grad_bytes, optimizer_state_bytes
 from peftbench.bench.timing import time_steps
 from peftbench.errors import ConfigError
+from tests.helpers import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -99,14 +99,7 @@ def compose_bench(overrides: list[str]) -> DictConfig:
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "peftbench.bench", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("peftbench.bench", args, env, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

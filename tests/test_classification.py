@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from peftbench.tasks.common import PASS_START
 from peftbench.tasks.labels import answer_matches, confusion_matrix, macro_f1
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.sources import rotten_tomatoes
-from tests.test_run import run_cli
+from tests.helpers import assert_finite, cli_smoke
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = {"val": 8, "test": 8, "max_train": 16}
@@ -281,28 +280,10 @@ def test_macro_f1_through_the_module_is_the_whole_pass_not_a_batch_mean(
 
 # ---- end to end through the CLI ------------------------------------------------------------------------
 def test_cli_smoke_encoder(tmp_path: Path) -> None:
-    result = run_cli(
-        [
-            "task=classification",
-            "model=minilm_l6",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "batch_size=2",
-            "logger=none",
-            "evaluate_before=false",
-            "save_adapter=false",
-            "task.split.val=4",
-            "task.split.test=6",
-            "task.split.max_train=8",
-        ],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert record["status"] == "ok" and record["task"] == "classification" and record["steps"] == 2
+    splits = ["task.split.val=4", "task.split.test=6", "task.split.max_train=8"]
+    record = cli_smoke(tmp_path, "classification", "minilm_l6", splits)
     assert record["primary_metric"] == "test/accuracy" and record["data"]["test"] == 6
     metrics = record["metrics"]
-    for key in ("test/accuracy", "test/macro_f1", "val/accuracy", "val/macro_f1", "test/loss"):
-        assert math.isfinite(metrics[key]), key
+    assert_finite(metrics, ("test/accuracy", "test/macro_f1", "val/accuracy", "val/macro_f1", "test/loss"))
     assert 0.0 <= metrics["test/accuracy"] <= 100.0 and 0.0 <= metrics["test/macro_f1"] <= 100.0
     assert record["config"]["model"]["num_labels"] == 2

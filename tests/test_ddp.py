@@ -30,6 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import run_module
 from tests.test_resume import ROOT, _env, run_cli
 
 STEPS, LR = 4, 1e-3
@@ -214,11 +215,9 @@ def test_fsdp_on_cpu_is_one_clear_line(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("FSDP runs on this machine's GPUs")
     env = {**_env(tmp_path / "results"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
+    proc = run_module(
+        "peftbench.run",
         [
-            sys.executable,
-            "-m",
-            "peftbench.run",
             "experiment=smoke",
             "logger=none",
             "trainer=fsdp",
@@ -226,10 +225,7 @@ def test_fsdp_on_cpu_is_one_clear_line(tmp_path: Path) -> None:
             "trainer.devices=2",
             f"hydra.run.dir={tmp_path}/run",
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        env,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

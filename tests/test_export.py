@@ -23,7 +23,7 @@ from peftbench.export import (
     main,
 )
 from peftbench.methods import METHODS, build_method
-from tests.helpers import clone_model, tiny_llama, token_batch
+from tests.helpers import clone_model, load_nf4, tiny_llama, token_batch
 from tests.takehome import matrix_base, perturb, trained, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,37 +119,11 @@ def test_qlora_adapter_loads_on_the_4bit_base(tmp_path: Path) -> None:
     """On a base loaded in 4 bits (transformers' BitsAndBytesConfig, as PEFT's QLoRA recipe does) the
     exported adapter gives peftbench's QLoRA logits. in_features are multiples of 64, the blocksize
     transformers uses (bitsandbytes' CPU kernel needs that)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
-    from peftbench.methods.qlora import disable_cpu_repack
-
-    torch.manual_seed(0)  # tiny_llama's widths (32) are below the blocksize: a 64-wide Llama
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"))
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    # tiny_llama's widths (32) are below the blocksize: a 64-wide Llama
+    tiny_llama(tie=False, hidden=64, intermediate=128).save_pretrained(str(tmp_path / "base"))
 
     def load_4bit() -> torch.nn.Module:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(tmp_path / "base"), quantization_config=quantization, dtype=torch.float32
-            )
-        except Exception as err:  # no bitsandbytes backend for this machine
-            pytest.skip(f"bitsandbytes cannot load a 4-bit model here ({type(err).__name__}: {err})")
-        for module in model.modules():
-            disable_cpu_repack(module)  # the same kernel path on both sides (see peftbench.methods.qlora)
-        return model.eval()
+        return load_nf4(tmp_path / "base")  # the same kernel path on both sides (CPU repack off)
 
     qmodel = load_4bit()
     torch.manual_seed(0)

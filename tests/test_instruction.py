@@ -14,7 +14,18 @@ from peftbench.tasks import InstructionTask
 from peftbench.tasks.collate import IGNORE_INDEX
 from peftbench.tasks.common import PASS_START
 from peftbench.tasks.sources import aclsum_records
-from tests.test_run import run_cli
+from tests.helpers import assert_finite, cli_smoke
+
+# the scores of every evaluation pass: the mixture's, the seen and unseen types', each type's own
+SCORES = (
+    "score",
+    "score_seen",
+    "score_unseen",
+    "rouge_l/headline",
+    "rouge_l/approach",
+    "accuracy/sentiment",
+    "accuracy/section",
+)
 
 SMALL = {"val": 2, "test": 3, "max_train": 6}
 
@@ -86,17 +97,7 @@ def test_scores_per_type_and_overall(
     perfect = [r if i % 2 == 0 else "no idea" for i, r in enumerate(batch["references"])]
     monkeypatch.setattr(mixture, "generate", lambda m, b: perfect)
     scores = mixture.evaluate(model, batch)
-    assert set(scores) >= {
-        "score",
-        "score_seen",
-        "score_unseen",
-        "rouge_l/headline",
-        "rouge_l/approach",
-        "accuracy/sentiment",
-        "accuracy/section",
-        "loss/headline",
-        "probe_loss",
-    }
+    assert set(scores) >= {*SCORES, "loss/headline", "probe_loss"}
     assert len(scores["score"]) == len(batch["references"]) == 12
     assert scores["score"][0] == 100.0 and scores["score"][1] < 100.0
     assert len(scores["accuracy/section"]) == len(scores["score_unseen"]) == 3
@@ -183,16 +184,11 @@ def test_bad_files_and_models_fail_with_one_clear_line(tmp_path: Path, tiny_mode
 
 # ---- end to end through the CLI ------------------------------------------------------------------------
 def test_cli_smoke(tmp_path: Path) -> None:
-    result = run_cli(
+    record = cli_smoke(
+        tmp_path,
+        "instruction",
+        "tiny_llama",
         [
-            "task=instruction",
-            "model=tiny_llama",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "batch_size=2",
-            "logger=none",
-            "evaluate_before=false",
-            "save_adapter=false",
             "task.split.val=1",
             "task.split.test=2",
             "task.split.max_train=4",
@@ -201,26 +197,10 @@ def test_cli_smoke(tmp_path: Path) -> None:
             "task.probe.texts=2",
             "task.probe.max_tokens=32",
         ],
-        tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert record["status"] == "ok" and record["task"] == "instruction" and record["steps"] == 2
     assert record["primary_metric"] == "test/score" and record["data"] == {"train": 12, "val": 4, "test": 8}
     metrics = record["metrics"]
-    for key in (
-        "score",
-        "score_seen",
-        "score_unseen",
-        "rouge_l/headline",
-        "rouge_l/approach",
-        "accuracy/sentiment",
-        "accuracy/section",
-        "loss",
-        "loss/section",
-        "probe_loss",
-    ):
-        assert math.isfinite(metrics[f"test/{key}"]), key
+    assert_finite(metrics, (f"test/{key}" for key in (*SCORES, "loss", "loss/section", "probe_loss")))
     assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["val/score"])
 
 

@@ -19,8 +19,7 @@ from peftbench.tasks.dpo import dpo_loss
 from peftbench.tasks.logprobs import response_logprobs
 from peftbench.tasks.preference import same_group_pairs
 from peftbench.tasks.splits import normalise
-from tests.helpers import tiny_llama, token_batch
-from tests.test_run import run_cli
+from tests.helpers import assert_finite, cli_smoke, tiny_llama, token_batch
 
 PAIRS = [
     {"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"Maybe {i}."}
@@ -250,16 +249,11 @@ def test_missing_columns_and_encoders_fail_with_one_clear_line(tmp_path: Path, t
 
 # ---- end to end through the CLI ------------------------------------------------------------------------
 def test_cli_smoke(tmp_path: Path) -> None:
-    result = run_cli(
+    record = cli_smoke(
+        tmp_path,
+        "preference",
+        "tiny_llama",
         [
-            "task=preference",
-            "model=tiny_llama",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "batch_size=2",
-            "logger=none",
-            "evaluate_before=false",
-            "save_adapter=false",
             "task.split.val=6",
             "task.split.test=6",
             "task.split.max_train=8",
@@ -267,14 +261,10 @@ def test_cli_smoke(tmp_path: Path) -> None:
             "task.probe.texts=2",
             "task.probe.max_tokens=32",
         ],
-        tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert record["status"] == "ok" and record["task"] == "preference" and record["steps"] == 2
     assert record["primary_metric"] == "test/reward_accuracy"
     metrics = record["metrics"]
-    for key in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "loss", "probe_loss"):
-        assert math.isfinite(metrics[f"test/{key}"]), key
+    keys = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "loss", "probe_loss")
+    assert_finite(metrics, (f"test/{key}" for key in keys))
     assert 0.0 <= metrics["test/reward_accuracy"] <= 100.0
     assert math.isfinite(metrics["val/reward_accuracy"])

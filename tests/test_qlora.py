@@ -10,7 +10,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from peftbench.errors import ConfigError
 from peftbench.methods import build_method, qlora
@@ -18,7 +18,7 @@ from peftbench.methods.lora import LoRALinear, base_weight
 from peftbench.methods.registry import method_config_file
 from peftbench.methods.walker import linear_layer_names
 from peftbench.models.params import count_parameters, parameter_bytes
-from tests.helpers import clone_model, tiny_llama, token_batch
+from tests.helpers import clone_model, load_nf4, tiny_llama, token_batch
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "qlora.yaml"
 
@@ -52,19 +52,7 @@ def llama64(bias: bool = False) -> LlamaForCausalLM:
     """tests.helpers.tiny_llama at hidden size 64: every block linear has in_features % 64 == 0 (which
     bitsandbytes' CPU kernels need at blocksize 64, see `qlora.check_dequantization`) and out % 32 == 0
     (with which its CPU repack, the gradient trap, actually runs instead of failing its own asserts)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        tie_word_embeddings=True,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(bias=bias, hidden=64, intermediate=128)
 
 
 # ----- the quantized base ------------------------------------------------------------------------
@@ -251,26 +239,12 @@ def test_close_to_full_precision_within_nf4_error() -> None:
 
 def test_matches_peft_on_a_transformers_bitsandbytes_4bit_model(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base = llama64()
     base.save_pretrained(tmp_path)
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(
-            tmp_path, quantization_config=config, device_map="cpu", dtype=torch.float32
-        )
-    except Exception as err:  # pragma: no cover - depends on the transformers / bitsandbytes pair
-        pytest.skip(f"transformers refuses a bitsandbytes 4-bit model on CPU here: {err}")
-    for module in hf.modules():  # transformers leaves the CPU repack on: same trap, same fix
-        qlora.disable_cpu_repack(module)
     hf = peft.get_peft_model(
-        hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+        load_nf4(tmp_path, device_map="cpu"),  # CPU repack off: same trap, same fix
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
     ).eval()
 
     ours, _ = apply_qlora(clone_model(base), r=4, alpha=8, compute_dtype="float32")

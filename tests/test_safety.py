@@ -11,15 +11,13 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from peftbench.records import RedactSecrets, redact, secret_values, write_record
+from tests.helpers import run_env, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "peftbench"
@@ -112,29 +110,18 @@ def test_write_record_and_logs_are_redacted(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_a_run_writes_no_secret_into_records_configs_or_logs(tmp_path: Path) -> None:
     """A secret passed on the command line (and set in the environment) ends up nowhere on disk."""
-    env = {
-        **os.environ,
-        **SECRETS,
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "PEFTBENCH_RESULTS": str(tmp_path / "results"),
-    }
+    env = {**run_env(tmp_path / "results"), **SECRETS}  # SECRETS share no name with run_env's own
     secret = SECRETS["WANDB_API_KEY"]
-    result = subprocess.run(
+    result = run_module(
+        "peftbench.run",
         [
-            sys.executable,
-            "-m",
-            "peftbench.run",
             "experiment=smoke",
             "logger=none",
             f"+note={secret}",
             f"task.source_column={SECRETS['HF_TOKEN']}",  # an error message that quotes a secret
             f"hydra.run.dir={tmp_path}/run",
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        env,
         timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]

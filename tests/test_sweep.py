@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +14,16 @@ from omegaconf import OmegaConf
 from peftbench.errors import ConfigError
 from peftbench.tuned import apply_tuned, objective, register_resolvers
 from peftbench.tuned import main as tuned_main
+from tests.helpers import ROOT, run_env, run_module
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def peftbench_run(args: list[str], results: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return run_module("peftbench.run", args, run_env(results), timeout=timeout)
 
 
 def test_multirun_with_a_failed_job_still_reports(tmp_path: Path) -> None:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PEFTBENCH_RESULTS": str(tmp_path)}
-    result = subprocess.run(
+    result = peftbench_run(
         [
-            sys.executable,
-            "-m",
-            "peftbench.run",
             "-m",
             "experiment=smoke",
             "study=sweep",
@@ -36,11 +33,7 @@ def test_multirun_with_a_failed_job_still_reports(tmp_path: Path) -> None:
             f"hydra.sweep.dir={tmp_path}/multirun",
             "+hydra.callbacks.report._target_=peftbench.compare.hydra_callback.ReportAfterSweep",
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*.json")]
@@ -137,18 +130,6 @@ def test_sqlite_study_to_tuned_yaml_to_run_config(tmp_path: Path) -> None:
         apply_tuned(compose_sweep("method=full", f"tuned={out}"))
     with pytest.raises(ConfigError, match=r"tuned='.*missing.yaml' is not valid"):
         apply_tuned(compose_sweep("method=vera", f"tuned={tmp_path}/missing.yaml"))
-
-
-def peftbench_run(args: list[str], results: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PEFTBENCH_RESULTS": str(results)}
-    return subprocess.run(
-        [sys.executable, "-m", "peftbench.run", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.slow  # about a minute on 2 CPU cores: process start-ups dominate
