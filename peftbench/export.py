@@ -128,14 +128,12 @@ def export_after_training(model: nn.Module, method: PeftMethod, adapter_dir: Pat
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    from peftbench.rundir import OneLineParser, add_model_overrides
+    from peftbench.rundir import run_dir_parser
 
-    parser = OneLineParser(prog="python -m peftbench.export", description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path, help="a run directory, or an adapter directory")
+    parser = run_dir_parser("python -m peftbench.export", __doc__.splitlines()[0])
     parser.add_argument(
         "--out", type=Path, default=None, help=f"output directory (default: <adapter dir>/{PEFT_SUBDIR})"
     )
-    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 

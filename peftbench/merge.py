@@ -58,7 +58,7 @@ def dequantize_remaining(model: nn.Module) -> None:
     holding its dequantized weight: a saved plain model holds no quantized tensors."""
     import torch
 
-    from peftbench.methods.lora import base_weight
+    from peftbench.methods.dense import base_weight
     from peftbench.methods.walker import replace_module
 
     for name, module in list(model.named_modules()):
@@ -102,12 +102,10 @@ def save_merged(model: nn.Module, tokenizer: Any, out: str | Path, provenance: d
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    from peftbench.rundir import OneLineParser, add_model_overrides
+    from peftbench.rundir import run_dir_parser
 
-    parser = OneLineParser(prog="python -m peftbench.merge", description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path, help="a run directory, or an adapter directory")
+    parser = run_dir_parser("python -m peftbench.merge", __doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged model")
-    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 

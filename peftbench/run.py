@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from peftbench.errors import ConfigError
 from peftbench.tuned import objective, register_resolvers
-from peftbench.validation import composition_error, load_config, validate_config
+from peftbench.validation import composition_error, load_config, processes, validate_config
 
 if TYPE_CHECKING:
     from peftbench.stages import Carry
@@ -117,6 +117,7 @@ def train_and_record(
     from peftbench.progress import build_callbacks
     from peftbench.records import redact
     from peftbench.summary import parameter_report
+    from peftbench.tasks.common import check_enough_training_data
     from peftbench.tasks.sampler import group_by_length
     from peftbench.untuned import untuned_metrics
 
@@ -157,6 +158,7 @@ def train_and_record(
         method.apply(model, head=head)
     else:
         model, tokenizer, method, base_report, head = carry.continue_with(task, cfg.seed)
+    check_enough_training_data(task.name, task.split_sizes()["train"], cfg.batch_size, processes(cfg.trainer))
     task.use_reference(lambda: method.disabled(model))
     params = {
         **parameter_report(model, base_total=base_report["total"]),

@@ -191,6 +191,14 @@ def add_model_overrides(parser: argparse.ArgumentParser, flag: str = "--model") 
     )
 
 
+def run_dir_parser(prog: str, description: str) -> OneLineParser:
+    """The parser shared by export and merge: a run (or adapter) directory and ``--model`` overrides."""
+    parser = OneLineParser(prog=prog, description=description)
+    parser.add_argument("path", type=Path, help="a run directory, or an adapter directory")
+    add_model_overrides(parser)
+    return parser
+
+
 def fail(err: ConfigError) -> int:
     """Print a ConfigError as one line on stderr; the exit code for bad input (2)."""
     print(f"error: {err}", file=sys.stderr)

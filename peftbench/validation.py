@@ -217,3 +217,12 @@ def composition_error(err: BaseException, overrides: Sequence[str]) -> str:
     if first.startswith("Ambiguous value"):
         return f"{first}: a sweep needs -m (or write a list as key=[a,b])"
     return f"{first} ({type(err).__name__})"
+
+
+def processes(trainer: Any) -> int:
+    """Training processes the trainer config asks for: devices (an int, a list, or 1 for `auto`) x nodes."""
+    devices = trainer.get("devices", 1)
+    per_node = len(devices) if isinstance(devices, Sequence) and not isinstance(devices, str) else devices
+    if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
+        per_node = 1
+    return per_node * int(trainer.get("num_nodes", 1) or 1)

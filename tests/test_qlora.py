@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM
 
 from peftbench.errors import ConfigError
 from peftbench.methods import build_method, qlora
-from peftbench.methods.lora import LoRALinear, base_weight
+from peftbench.methods.dense import base_weight
+from peftbench.methods.lora import LoRALinear
 from peftbench.methods.registry import method_config_file
 from peftbench.methods.walker import linear_layer_names
 from peftbench.models.params import count_parameters, parameter_bytes

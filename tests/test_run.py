@@ -77,6 +77,7 @@ def run_cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.C
         ("task.source_column=body", "body"),
         ("method.target_modules=[qkv]", "qkv"),
         ("optim.lr=-1", "optim.lr=-1"),
+        ("task.split.max_train=1", "1 training examples, fewer than one batch of batch_size=2"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_training(override: str, needle: str, tmp_path: Path) -> None:

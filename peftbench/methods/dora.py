@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftbench.methods.base import AdapterLayer, adapter_layers
-from peftbench.methods.lora import LoRA, LoRALinear, base_weight
+from peftbench.methods.dense import base_weight
+from peftbench.methods.lora import LoRA, LoRALinear
 from peftbench.methods.peft_format import exported, peft_key, peft_lora_config
 from peftbench.methods.registry import register
 

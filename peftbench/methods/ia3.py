@@ -22,21 +22,11 @@ from torch import nn
 
 from peftbench.errors import ConfigError, bad_value
 from peftbench.methods.base import AdapterLayer, PeftMethod, adapter_layers
-from peftbench.methods.lora import adapter_dtype, base_weight
+from peftbench.methods.dense import base_weight, plain_linear
+from peftbench.methods.lora import adapter_dtype
 from peftbench.methods.peft_format import exported, peft_key, peft_layer_config
 from peftbench.methods.registry import register
 from peftbench.methods.walker import find_targets, wrap_targets
-
-
-def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A frozen nn.Linear holding copies of `weight` (out, in) and `bias`, in their dtype and device."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    layer = layer.to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer.requires_grad_(False)
 
 
 class IA3Linear(AdapterLayer):

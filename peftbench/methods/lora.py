@@ -20,20 +20,10 @@ from torch import nn
 
 from peftbench.errors import ConfigError, bad_value
 from peftbench.methods.base import AdapterLayer, PeftMethod, adapter_layers
+from peftbench.methods.dense import merged_with_delta
 from peftbench.methods.peft_format import exported, peft_key, peft_lora_config
 from peftbench.methods.registry import register
 from peftbench.methods.walker import ALL_LINEAR, find_targets, wrap_targets
-
-
-def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The dense weight of a (possibly 4-bit quantized) linear layer, in its compute dtype."""
-    weight = layer.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, quant_state)
-    return weight
 
 
 class LoRALinear(AdapterLayer):
@@ -71,16 +61,7 @@ class LoRALinear(AdapterLayer):
 
     def merged(self) -> nn.Linear:
         """``W = W0 + s B A`` as a plain nn.Linear (dequantized if the base was 4-bit)."""
-        weight = base_weight(self.base)
-        bias = self.base.bias
-        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
-        layer = layer.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight.float() + self.delta_weight().float())
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.requires_grad_(False)
-        return layer
+        return merged_with_delta(self.base, self.delta_weight())
 
 
 def adapter_dtype(base: nn.Module) -> torch.dtype:

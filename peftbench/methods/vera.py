@@ -28,7 +28,8 @@ from torch import nn
 
 from peftbench.errors import ConfigError, bad_value
 from peftbench.methods.base import AdapterLayer, PeftMethod, adapter_layers
-from peftbench.methods.lora import adapter_dtype, base_weight, check_lora_hyperparameters
+from peftbench.methods.dense import merged_with_delta
+from peftbench.methods.lora import adapter_dtype, check_lora_hyperparameters
 from peftbench.methods.peft_format import exported, peft_key, peft_layer_config
 from peftbench.methods.registry import register
 from peftbench.methods.walker import ALL_LINEAR, find_targets, wrap_targets
@@ -111,16 +112,7 @@ class VeRALinear(AdapterLayer):
 
     def merged(self) -> nn.Linear:
         """``W = W0 + diag(b) B diag(d) A`` as a plain nn.Linear (dequantized if the base was 4-bit)."""
-        weight = base_weight(self.base)
-        bias = self.base.bias
-        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
-        layer = layer.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight.float() + self.delta_weight().float())
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.requires_grad_(False)
-        return layer
+        return merged_with_delta(self.base, self.delta_weight())
 
 
 @register

@@ -23,6 +23,18 @@ def positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_enough_training_data(task_name: str, train_examples: int, batch_size: int, processes: int) -> None:
+    """A one-line ConfigError when the training split cannot fill one global batch (before training)."""
+    need = batch_size * processes
+    if train_examples < need:
+        per = f" ({batch_size} per process x {processes} processes)" if processes > 1 else ""
+        raise ConfigError(
+            f"task {task_name!r} has {train_examples} training examples, fewer than one batch of "
+            f"batch_size={batch_size}{per}; accepted: at least {need} training examples (lower batch_size, "
+            "shrink task.split.val/test or raise task.split.max_train, or add data)"
+        )
+
+
 def positive_float(name: str, value: Any) -> float:
     """`value` as a float if it is a number > 0, else a one-line ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
