@@ -76,8 +76,13 @@ class PeftModule(L.LightningModule):
             self.compiled = compile_in_place(self.model)
 
     # ----- training ---------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # from_pretrained and a test-before-training pass leave the model in eval mode; Lightning keeps a
+        # module's mode, so training mode (adapter dropout) is set here, before its fit loop checks it
+        self.model.train()
+
     def on_train_start(self) -> None:
-        self.model.train()  # a test-before-training pass leaves the model in eval mode
+        self.model.train()
         reset_peak(self.device)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
