@@ -1,9 +1,9 @@
 """Prefix tuning (Li & Liang 2021) against HF PEFT 0.21.2's PrefixTuningConfig on copied weights.
 
-With `prefix_projection=True` PEFT's MLP input width is d_kv (it takes `token_dim` = n_kv x head_dim under
-grouped-query attention), ours is the hidden size d (the paper's, METHODS.md): the two coincide on a model
-without GQA, where P' and the MLP are copied; on `tiny_llama` (GQA) the prefixes themselves are copied into
-PEFT with `prefix_projection=False`. Tolerances are fp32 (1e-5).
+P' and the MLP's input are d_kv = n_kv x head_dim wide, as PEFT's (`token_dim`; METHODS.md): on a model
+without grouped-query attention d_kv is the hidden size d, under GQA (`tiny_llama`: 4 query, 2 key/value
+heads) it is smaller. PEFT runs with `prefix_projection=True` and our P' and MLP copied in, on both kinds of
+model. Tolerances are fp32 (1e-5).
 """
 
 from __future__ import annotations
@@ -47,32 +47,58 @@ def applied(base: torch.nn.Module, **hyper: int) -> tuple[torch.nn.Module, objec
     return apply_method(base, {"name": "prefix_tuning", "num_virtual_tokens": P, **hyper}, PrefixEncoder)
 
 
-def peft_copy(base: torch.nn.Module, layer: PrefixEncoder) -> torch.nn.Module:
-    """PEFT with our P' and MLP (prefix_projection=True, MHA base) or our prefixes (projection off)."""
-    projection = base.config.num_key_value_heads == base.config.num_attention_heads
+def peft_reference(base: torch.nn.Module, p: int = P, encoder_hidden_size: int = 512) -> torch.nn.Module:
+    """PEFT's prefix tuning with the MLP (`prefix_projection=True`) on a copy of `base`."""
     config = peft.PrefixTuningConfig(
         task_type="CAUSAL_LM",
-        num_virtual_tokens=P,
-        prefix_projection=projection,
-        encoder_hidden_size=layer.transform[0].out_features,
+        num_virtual_tokens=p,
+        prefix_projection=True,
+        encoder_hidden_size=encoder_hidden_size,
     )
-    model = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    return peft.get_peft_model(copy.deepcopy(base), config).eval()
+
+
+def peft_copy(base: torch.nn.Module, layer: PrefixEncoder) -> torch.nn.Module:
+    """PEFT (prefix_projection=True) with our P' and MLP copied in."""
+    model = peft_reference(base, layer.num_virtual_tokens, layer.transform[0].out_features)
     encoder = model.prompt_encoder["default"]
     with torch.no_grad():
-        if projection:
-            encoder.embedding.weight.copy_(layer.embedding)
-            encoder.transform.load_state_dict(layer.transform.state_dict())
-        else:
-            encoder.embedding.weight.copy_(layer.prefixes())
+        encoder.embedding.weight.copy_(layer.embedding)
+        encoder.transform.load_state_dict(layer.transform.state_dict())
     return model
 
 
-@pytest.mark.parametrize("make_base", [tiny_mha, tiny_llama], ids=["mha-projection", "gqa-prefixes"])
+def trainable_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("make_base", [tiny_mha, tiny_llama], ids=["mha", "gqa"])
 def test_logits_match_peft(make_base) -> None:
     base = make_base()
     model, _, layer = applied(base)
-    assert layer.embedding.shape == (P, 32)  # P' is (p, d) also under GQA
-    assert layer.prefixes().shape == (P, 2 * 2 * base.config.num_key_value_heads * 8)  # (p, 2 L d_kv)
+    d_kv = base.config.num_key_value_heads * 8  # head_dim 8
+    assert layer.embedding.shape == (P, d_kv)  # P' is (p, d_kv): narrower than d = 32 under GQA
+    assert layer.transform[0].in_features == d_kv
+    assert layer.prefixes().shape == (P, 2 * 2 * d_kv)  # (p, 2 L d_kv)
+    check_logits_match_peft(base, model, peft_copy(base, layer), offset=0)
+
+
+@pytest.mark.parametrize("p", [P, 20])
+@pytest.mark.parametrize("hidden", [32, 64], ids=["tests-tiny-llama", "conf-tiny-llama"])
+def test_trainable_count_equals_peft_under_grouped_query_attention(hidden: int, p: int) -> None:
+    """GQA (4 query, 2 key/value heads): P' (p, d_kv) and the MLP (d_kv -> 512 -> 2 L d_kv) count as PEFT's.
+    With hidden 64 this is `model=tiny_llama`'s shape: 82,720 at p = 5 and 83,200 at p = 20 (a P' and an MLP
+    input of width d = 64 made it 99,264 and 100,224)."""
+    base = tiny_llama(hidden=hidden, intermediate=2 * hidden)
+    assert base.config.num_key_value_heads < base.config.num_attention_heads
+    model, _, layer = applied(base, num_virtual_tokens=p)
+    d_kv = base.config.num_key_value_heads * hidden // base.config.num_attention_heads
+    layers = base.config.num_hidden_layers
+    expected = p * d_kv + (d_kv + 1) * 512 + (512 + 1) * 2 * layers * d_kv
+    assert trainable_count(model) == trainable_count(peft_reference(base, p=p)) == expected
+    if hidden == 64:
+        assert expected == {5: 82_720, 20: 83_200}[p]
+    # and the logits are PEFT's with the same P' and MLP
     check_logits_match_peft(base, model, peft_copy(base, layer), offset=0)
 
 
@@ -132,12 +158,7 @@ def test_peft_export_loads_in_peft(tmp_path: Path) -> None:
     base = tiny_llama()
     model, method, _ = applied(base)
     config, tensors = method.peft_export(model)
-    reference = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=512
-        ),
-    )
+    reference = peft_reference(base)
     assert {k: v.shape for k, v in tensors.items()} == {
         k: v.shape for k, v in peft.get_peft_model_state_dict(reference).items()
     }

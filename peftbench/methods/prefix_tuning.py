@@ -2,10 +2,14 @@
 
 Sec. 4.1-4.2: the attention of every layer sees p extra key/value pairs in front of the sequence, the
 prefix P; only P trains. Sec. 4.3: optimising P directly is unstable, so during training ``P = MLP(P')`` with
-P' (p, d) and ``MLP = Linear(d, 512) -> tanh -> Linear(512, 2 L d_kv)`` (METHODS.md; d is the model's hidden
-size, as in the paper; d_kv = n_kv_heads x head_dim, so grouped-query attention gets prefixes of its width).
+P' (p, d_kv) and ``MLP = Linear(d_kv, 512) -> tanh -> Linear(512, 2 L d_kv)`` (METHODS.md). d_kv =
+n_kv_heads x head_dim: the paper's d (the hidden size) on a model with as many key/value heads as query heads,
+smaller under grouped-query attention (Llama, SmolLM2), where P', the MLP's input and the prefixes all take
+that width, as HF PEFT does (its `token_dim`), so the trainable count is PEFT's.
 After training only P (p, 2 L d_kv) is needed: `final_state_dict` (the adapter file) holds P alone and loading
 it turns the layer into plain prefixes; checkpoints (`adapter_state_dict`) keep P' and the MLP, to train on.
+P', the MLP and P are float32 whatever the base dtype (METHODS.md, "Adapter dtype"); P is cast to the model's
+dtype when it goes into the cache.
 
 A prefix row is laid out as HF PEFT lays it out: for layer 0 the keys (n_kv, head_dim) then the values, then
 layer 1, ... The prefixes go into the attention cache (`virtual_tokens.py`): keys are stored as given (no
@@ -48,14 +52,21 @@ def _no_checkpointing(backbone: nn.Module, method: str) -> None:
 
 
 class PrefixEncoder(VirtualTokens):
-    """Keys and values for every layer: `transform(embedding)` while reparameterised, then `prefix` alone."""
+    """Keys and values for every layer: `transform(embedding)` while reparameterised, then `prefix` alone.
 
-    def __init__(self, p: int, width: int, hidden: int, layers: int, kv_heads: int, head_dim: int) -> None:
+    Every tensor is float32 (Sec. 4.3's P' and MLP, then P); `start` casts P to the model's dtype."""
+
+    def __init__(self, p: int, encoder_hidden: int, layers: int, kv_heads: int, head_dim: int) -> None:
         super().__init__(p)
         self.kv_shape = (layers, kv_heads, head_dim)
-        self.embedding = nn.Parameter(torch.randn(p, width))  # P' (nn.Embedding's N(0, 1) init, as PEFT)
+        width = kv_heads * head_dim  # d_kv: P' and the MLP's input are as wide as one layer's keys
+        fp32 = torch.float32
+        # P' (nn.Embedding's N(0, 1) init, as PEFT)
+        self.embedding = nn.Parameter(torch.randn(p, width, dtype=fp32))
         self.transform = nn.Sequential(
-            nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, 2 * layers * kv_heads * head_dim)
+            nn.Linear(width, encoder_hidden, dtype=fp32),
+            nn.Tanh(),
+            nn.Linear(encoder_hidden, 2 * layers * width, dtype=fp32),
         )
 
     @property
@@ -69,7 +80,7 @@ class PrefixEncoder(VirtualTokens):
     def fix(self, prefixes: torch.Tensor) -> None:
         """Drop P' and the MLP; keep `prefixes` as the (trainable) parameter `prefix`."""
         del self.embedding, self.transform
-        self.prefix = nn.Parameter(prefixes.detach().clone())
+        self.prefix = nn.Parameter(prefixes.detach().clone().float())
 
     def start(self, backbone: nn.Module, kwargs: dict[str, Any], batch: int) -> None:
         """Put the prefixes into the cache (the caller's empty one, or a new DynamicCache)."""
@@ -94,8 +105,8 @@ class PrefixEncoder(VirtualTokens):
             cache.update(k, v, layer)
 
 
-def kv_shape(config: Any, method: str) -> tuple[int, int, int, int]:
-    """(layers, kv_heads, head_dim, hidden_size) from a transformers config."""
+def kv_shape(config: Any, method: str) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) from a transformers config; d_kv = kv_heads x head_dim."""
     try:
         layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
     except AttributeError as missing:
@@ -104,7 +115,7 @@ def kv_shape(config: Any, method: str) -> tuple[int, int, int, int]:
         ) from None
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return int(layers), int(kv_heads), int(head_dim), int(hidden)
+    return int(layers), int(kv_heads), int(head_dim)
 
 
 def _check_cache(backbone: nn.Module, method: str) -> str:
@@ -152,11 +163,9 @@ class PrefixTuning(PeftMethod):
     def attach(self, model: nn.Module) -> None:
         backbone = backbone_of(model, self.name)
         _check_cache(backbone, self.name)
-        layers, kv_heads, head_dim, hidden = kv_shape(backbone.config, self.name)
+        layers, kv_heads, head_dim = kv_shape(backbone.config, self.name)
         device = backbone.get_input_embeddings().weight.device
-        layer = PrefixEncoder(
-            self.num_virtual_tokens, hidden, self.encoder_hidden_size, layers, kv_heads, head_dim
-        )
+        layer = PrefixEncoder(self.num_virtual_tokens, self.encoder_hidden_size, layers, kv_heads, head_dim)
         layer.to(device).install(backbone, self.name)
 
     # ----- saving: the prefixes only ------------------------------------------------------------------
@@ -174,7 +183,7 @@ class PrefixTuning(PeftMethod):
         prefix = state.get(f"{name}.prefix")
         if prefix is not None and layer.reparameterised:
             device = layer.embedding.device
-            layer.fix(torch.zeros(prefix.shape, device=device))
+            layer.fix(torch.zeros(prefix.shape, dtype=torch.float32, device=device))
         super().load_adapter_state_dict(model, state)
 
     def peft_export(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
