@@ -25,6 +25,7 @@ from tests.virtual_token_checks import (
     apply_method,
     bert_batch,
     check_disabled_gives_the_base_model,
+    check_fp32_trainables_on_bf16_model,
     check_generation_matches_peft,
     check_logits_match_peft,
     check_loss_with_labels,
@@ -222,3 +223,8 @@ def test_refuses_sliding_window_attention() -> None:
 def test_bad_hyperparameters(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=key):
         build_method({"name": "prefix_tuning", key: value})
+
+
+def test_trainable_tensors_are_fp32_on_a_bf16_model() -> None:
+    """P' and the MLP: float32 on a bf16 model, cast to bf16 in the forward; one AdamW step moves them all."""
+    check_fp32_trainables_on_bf16_model(applied)

@@ -21,6 +21,7 @@ from tests.virtual_token_checks import (
     apply_method,
     bert_batch,
     check_disabled_gives_the_base_model,
+    check_fp32_trainables_on_bf16_model,
     check_generation_matches_peft,
     check_logits_match_peft,
     check_loss_with_labels,
@@ -121,3 +122,8 @@ def test_encoder_classifier_matches_peft() -> None:
 def test_bad_num_virtual_tokens(value: object) -> None:
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         build_method({"name": "prompt_tuning", "num_virtual_tokens": value})
+
+
+def test_trainable_tensors_are_fp32_on_a_bf16_model() -> None:
+    """The soft prompt: float32 on a bf16 model, cast to bf16 in the forward; one AdamW step moves it all."""
+    check_fp32_trainables_on_bf16_model(applied)

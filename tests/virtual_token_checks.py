@@ -223,3 +223,31 @@ def check_peft_export_loads_in_peft(
             atol=1e-5,
             rtol=0,
         )
+
+
+def check_fp32_trainables_on_bf16_model(applied: Applied) -> None:
+    """With the method `applied` to a bf16 `tiny_llama`: every trainable tensor is float32 (METHODS.md,
+    "Adapter dtype"), the logits stay bf16 and finite, and one AdamW step at lr 1e-4 changes every element of
+    every trainable tensor (in bf16 most would not move: its spacing near 1 is 2^-7)."""
+    from tests.helpers import tiny_llama
+
+    base = tiny_llama().to(torch.bfloat16)
+    model, _, _ = applied(base)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}, {
+        n: p.dtype for n, p in trainable.items()
+    }
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    ids, mask = right_padded()
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert out.logits.dtype == torch.bfloat16 and out.logits.shape == (*ids.shape, base.config.vocab_size)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    torch.optim.AdamW(trainable.values(), lr=1e-4, weight_decay=0.0).step()
+    for name, p in trainable.items():
+        assert (p.detach() != before[name]).all(), f"{name}: {(p == before[name]).sum()} elements unchanged"
+    with torch.no_grad():
+        assert model.eval()(input_ids=ids, attention_mask=mask).logits.dtype == torch.bfloat16

@@ -3,7 +3,8 @@
 Sec. 2: p trainable embeddings P (p, d) are prepended to the embedded input, ``[P; E(x)]``, and only P trains;
 Sec. 3.2 ("sampled vocab"): P starts as the embeddings of p tokens drawn from the vocabulary. Here the draw is
 uniform over the whole vocabulary (as HF PEFT's SAMPLE_VOCAB) from the global torch generator, i.e. the run's
-`seed`; P is kept in float32.
+`seed`; P is kept in float32 whatever the base dtype (and so its gradient and optimizer state: METHODS.md,
+"Adapter dtype") and cast to the model's dtype where it is prepended.
 
 The virtual positions are invisible to callers (`virtual_tokens.py`): the attention mask gets p ones in front,
 the real tokens sit at positions p, p+1, ..., and their hidden states come back alone, so the loss covers the

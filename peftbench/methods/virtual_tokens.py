@@ -18,6 +18,10 @@ A call that continues from a non-empty cache (generation after its first step) f
 cache already: only the mask and the positions move. `PeftMethod.disabled()` turns both hooks into no-ops
 through `adapter_enabled`. The hooks are bound methods of the layer, so `copy.deepcopy(model)` rebinds them
 to the copy's layer.
+
+The layer's trainable tensors (the soft prompt; prefix tuning's P', MLP and prefixes) are float32 whatever the
+base dtype, and so are their gradients and optimizer state (METHODS.md, LoRA, "Adapter dtype": bf16 master
+weights lose small updates); `start` casts them to the model's dtype where they meet the model.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ class VirtualTokens(AdapterLayer):
         self._drop: str | None = None  # ... and the output field of a cache the caller did not ask for
 
     def install(self, backbone: nn.Module, name: str) -> None:
-        """Become `backbone.<name>` and hook the backbone's forward."""
+        """Become `backbone.<name>` (its tensors float32: module doc) and hook the backbone's forward."""
+        self.float()
         self.argument_names = forward_parameters(backbone)
         self.cache_key = cache_argument(backbone)
         backbone.add_module(name, self)
@@ -101,7 +106,8 @@ class VirtualTokens(AdapterLayer):
         backbone.register_forward_hook(self.after_forward, with_kwargs=True)
 
     def start(self, backbone: nn.Module, kwargs: dict[str, Any], batch: int) -> None:
-        """Fill the virtual positions for a call that starts a sequence (edits `kwargs` in place)."""
+        """Fill the virtual positions for a call that starts a sequence (edits `kwargs` in place), in the
+        model's dtype (the layer's own tensors are float32)."""
         raise NotImplementedError
 
     # ----- the hooks ------------------------------------------------------------------------------------
