@@ -117,7 +117,15 @@ class PeftModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.method.after_optimizer_step(self.model, self.trainer.global_step)
+        self.after_real_optimizer_step()
+
+    def after_real_optimizer_step(self) -> None:
+        """Tell the method that one more optimizer step is done, with the count of steps done (1 after the
+        first). Lightning increments `trainer.global_step` only after `optimizer_step` returns, so inside it
+        the count is ``global_step + 1`` (docs/METHODS.md, Delta-LoRA, "Step counting"). A path that steps
+        the optimizer itself (manual optimization) calls this after each real step, before Lightning's
+        counter moves."""
+        self.method.after_optimizer_step(self.model, self.trainer.global_step + 1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.method.param_groups(self.model, lr=self.optim.lr, weight_decay=self.optim.weight_decay)

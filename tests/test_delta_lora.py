@@ -78,7 +78,7 @@ def test_bf16_base_accumulates_in_an_fp32_master() -> None:
     total = torch.zeros_like(master0)
     with torch.no_grad():
         for step in range(1, 4):
-            a_old, b_old = layer.lora_A.float(), layer.lora_B.float()
+            a_old, b_old = layer.lora_A.float().clone(), layer.lora_B.float().clone()
             layer.lora_B.add_(1e-3 * torch.randn_like(layer.lora_B))  # a small, bf16-sized change
             method.after_optimizer_step(model, step)
             total += (

@@ -26,7 +26,7 @@ from torch import nn
 
 from peftbench.errors import bad_value
 from peftbench.methods.base import AdapterLayer, PeftMethod
-from peftbench.methods.lora import adapter_dtype
+from peftbench.methods.lora import adapter_dtype, compute_copy
 from peftbench.methods.registry import register
 from peftbench.methods.walker import find_targets, wrap_targets
 
@@ -57,8 +57,9 @@ class BottleneckAdapter(AdapterLayer):
         h = self.base(x)
         if not self.adapter_enabled:
             return h
-        z = self.activation(F.linear(h.to(self.down_weight.dtype), self.down_weight, self.down_bias))
-        return h + F.linear(z, self.up_weight, self.up_bias).to(h.dtype)
+        down = F.linear(h, compute_copy(self.down_weight, h), compute_copy(self.down_bias, h))
+        z = self.activation(down)
+        return h + F.linear(z, compute_copy(self.up_weight, h), compute_copy(self.up_bias, h))
 
 
 @register

@@ -184,7 +184,13 @@ class PeftMethod:
         return None
 
     def hyperparameters(self) -> dict[str, Any]:
+        """The method's config (what `build_method` takes back)."""
         return {"name": self.name, **dataclasses.asdict(self)}
+
+    def describe(self) -> dict[str, Any]:
+        """What a record states about the method: its hyper-parameters plus the choices it made on this
+        machine (e.g. QLoRA's `auto` compute dtype and why). Default: the hyper-parameters."""
+        return self.hyperparameters()
 
 
 def check_groups_cover(groups: list[dict[str, Any]], model: nn.Module) -> None:

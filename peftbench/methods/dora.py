@@ -23,7 +23,7 @@ from torch import nn
 
 from peftbench.methods.base import AdapterLayer, adapter_layers
 from peftbench.methods.dense import base_weight
-from peftbench.methods.lora import LoRA, LoRALinear
+from peftbench.methods.lora import LoRA, LoRALinear, compute_copy
 from peftbench.methods.peft_format import exported, peft_key, peft_lora_config
 from peftbench.methods.registry import register
 
@@ -52,7 +52,7 @@ class DoRALinear(LoRALinear):
         y = self.base(x)
         if not self.adapter_enabled:
             return y
-        dtype = self.lora_A.dtype
+        dtype = x.dtype  # compute dtype; A, B and m are fp32 masters (cast here, gradients flow back)
         g = self.scale(self.direction()).to(dtype)
         if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
             dropped = self.dropout(x)
@@ -60,7 +60,8 @@ class DoRALinear(LoRALinear):
         else:  # no dropout: W0 x is the base output without its bias
             dropped, bias = x, self.base.bias
             base_out = (y if bias is None else y - bias).to(dtype)
-        branch = F.linear(F.linear(dropped.to(dtype), self.lora_A), self.lora_B) * self.scaling
+        lora_a, lora_b = compute_copy(self.lora_A, dropped), compute_copy(self.lora_B, dropped)
+        branch = F.linear(F.linear(dropped, lora_a), lora_b) * self.scaling
         return y + ((g - 1) * base_out + g * branch).to(y.dtype)
 
     def merged(self) -> nn.Linear:

@@ -23,7 +23,7 @@ from torch import nn
 from peftbench.errors import ConfigError, bad_value
 from peftbench.methods.base import AdapterLayer, PeftMethod, adapter_layers
 from peftbench.methods.dense import base_weight, plain_linear
-from peftbench.methods.lora import adapter_dtype
+from peftbench.methods.lora import adapter_dtype, compute_copy
 from peftbench.methods.peft_format import exported, peft_key, peft_layer_config
 from peftbench.methods.registry import register
 from peftbench.methods.walker import find_targets, wrap_targets
@@ -43,9 +43,9 @@ class IA3Linear(AdapterLayer):
         if not self.adapter_enabled:
             return self.base(x)
         if self.feedforward:
-            return self.base((x * self.ia3_l).to(x.dtype))
+            return self.base(x * compute_copy(self.ia3_l, x))
         y = self.base(x)
-        return (y * self.ia3_l).to(y.dtype)
+        return y * compute_copy(self.ia3_l, y)
 
     def merged(self) -> nn.Linear:
         """The scaled weight (and bias, for an output scale) as a plain nn.Linear, in fp32 then rounded."""

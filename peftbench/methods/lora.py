@@ -49,9 +49,9 @@ class LoRALinear(AdapterLayer):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def adapter_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * B (A dropout(x))``, computed in the adapter's dtype."""
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
-        return F.linear(h, self.lora_B) * self.scaling
+        """``s * B (A dropout(x))``, computed in the input's dtype from the fp32 master factors."""
+        h = F.linear(self.dropout(x), compute_copy(self.lora_A, x))
+        return F.linear(h, compute_copy(self.lora_B, x)) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -65,12 +65,19 @@ class LoRALinear(AdapterLayer):
 
 
 def adapter_dtype(base: nn.Module) -> torch.dtype:
-    """Adapters live in the base layer's compute dtype (no per-call casts under autocast)."""
-    compute = getattr(base, "compute_dtype", None)
-    if compute is not None:
-        return compute
+    """The dtype of every trainable adapter tensor: fp32 whatever the base's dtype (bf16, fp16, 4-bit), so
+    the master weights, their gradients and the optimizer state keep small updates (docs/METHODS.md, LoRA,
+    "Adapter dtype": with bf16 factors one AdamW step at lr 1e-4 left most entries unchanged). An fp64
+    base keeps fp64. The forward casts to the compute dtype (`compute_copy`)."""
     weight = base.weight
-    return weight.dtype if weight.is_floating_point() else torch.float32
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def compute_copy(tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`tensor` in the dtype the layer computes in: the input's (a bf16 model computes in bf16 from fp32
+    adapters; under autocast the matmul casts again). A no-op (the same tensor) when the dtypes match, so
+    an fp32 run is unchanged; autograd casts the gradient back to the fp32 master."""
+    return tensor if tensor.dtype == x.dtype else tensor.to(x.dtype)
 
 
 def check_lora_hyperparameters(r: int, alpha: float | None, dropout: float) -> None:

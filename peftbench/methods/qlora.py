@@ -1,9 +1,12 @@
 """QLoRA: LoRA on a frozen 4-bit NormalFloat base (Dettmers et al. 2023, arXiv 2305.14314).
 
 Sec. 3: the base linear layers are stored in NF4 (blocksize 64) with double quantization of the absmax
-constants and are dequantized to the compute dtype (bf16) for every matmul; LoRA adapters (kept in the
-compute dtype) sit on ALL linear layers of the blocks. lm_head, embeddings and norms stay full precision.
-Quantization uses bitsandbytes' ``Linear4bit``; the LoRA part is `peftbench.methods.lora` unchanged.
+constants and are dequantized to the compute dtype (bf16) for every matmul; LoRA adapters (fp32 master
+weights, cast to the compute dtype in the forward) sit on ALL linear layers of the blocks. lm_head,
+embeddings and norms stay full precision. ``compute_dtype: auto`` (the default) is bf16 on CUDA and on CPUs
+with native bf16, fp32 elsewhere (emulated bf16 makes the 4-bit CPU kernels 10-100x slower); the record
+states the choice and the capability it came from (`describe`). Quantization uses bitsandbytes'
+``Linear4bit``; the LoRA part is `peftbench.methods.lora` unchanged.
 
 Export: `LoRA.peft_export` unchanged, a PEFT LORA adapter (PEFT's QLoRA is a LoRA config over a base loaded
 with ``BitsAndBytesConfig(load_in_4bit=True, ...)``); it loads on the 4-bit base it trained on, or on the
@@ -14,17 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from peftbench import hardware
 from peftbench.errors import ConfigError, bad_value
 from peftbench.methods.lora import LoRA
 from peftbench.methods.registry import register
 from peftbench.methods.walker import find_targets, linear_layer_names, replace_module
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+#: `compute_dtype` values: a dtype, or `auto` (bf16 where the device computes it natively, else fp32)
+COMPUTE_DTYPE_CHOICES = ("auto", *COMPUTE_DTYPES)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 
@@ -139,15 +145,15 @@ class QLoRA(LoRA):
     #: model's function exactly (B = 0), not the original one.
     identity_at_init: ClassVar[bool] = False
 
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
     double_quant: bool = True
     quant_type: str = "nf4"
     blocksize: int = 64
 
     def validate(self) -> None:
         super().validate()
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise bad_value("method.compute_dtype", self.compute_dtype, sorted(COMPUTE_DTYPES))
+        if self.compute_dtype not in COMPUTE_DTYPE_CHOICES:
+            raise bad_value("method.compute_dtype", self.compute_dtype, COMPUTE_DTYPE_CHOICES)
         if self.quant_type not in QUANT_TYPES:
             raise bad_value("method.quant_type", self.quant_type, QUANT_TYPES)
         if self.blocksize not in BLOCKSIZES:
@@ -155,9 +161,22 @@ class QLoRA(LoRA):
         if not isinstance(self.double_quant, bool):
             raise bad_value("method.double_quant", self.double_quant, "true or false")
 
+    def resolved_compute_dtype(self) -> tuple[str, str]:
+        """``(dtype name, why)``: `compute_dtype` itself, or what `auto` picks on this machine (bf16 on CUDA
+        and on CPUs with native bf16, fp32 elsewhere: emulated bf16 makes the 4-bit CPU path crawl;
+        docs/METHODS.md, QLoRA, "Compute dtype on CPU")."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype, "set by method.compute_dtype"
+        return hardware.auto_bf16_or_fp32()
+
     @property
     def torch_compute_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.compute_dtype]
+        return COMPUTE_DTYPES[self.resolved_compute_dtype()[0]]
+
+    def describe(self) -> dict[str, Any]:
+        """The hyper-parameters plus the compute dtype actually used and why (stated in every record)."""
+        chosen, why = self.resolved_compute_dtype()
+        return {**self.hyperparameters(), "compute_dtype_used": chosen, "compute_dtype_why": why}
 
     def quantize(self, model: nn.Module) -> None:
         """Store every linear layer of the blocks in 4 bits (not only the targeted ones: the whole frozen
@@ -182,4 +201,4 @@ class QLoRA(LoRA):
     def attach(self, model: nn.Module) -> None:
         find_targets(model, self.target_modules)  # a bad selection fails before anything is quantized
         self.quantize(model)
-        super().attach(model)  # LoRALinear puts A, B in the base's compute dtype (`adapter_dtype`)
+        super().attach(model)  # LoRALinear keeps A, B in fp32 (`adapter_dtype`), cast in the forward

@@ -29,7 +29,7 @@ from torch import nn
 from peftbench.errors import ConfigError, bad_value
 from peftbench.methods.base import AdapterLayer, PeftMethod, adapter_layers
 from peftbench.methods.dense import merged_with_delta
-from peftbench.methods.lora import adapter_dtype, check_lora_hyperparameters
+from peftbench.methods.lora import adapter_dtype, check_lora_hyperparameters, compute_copy
 from peftbench.methods.peft_format import exported, peft_key, peft_layer_config
 from peftbench.methods.registry import register
 from peftbench.methods.walker import ALL_LINEAR, find_targets, wrap_targets
@@ -107,8 +107,8 @@ class VeRALinear(AdapterLayer):
         if not self.adapter_enabled:
             return y
         vera_a, vera_b = self.sliced()
-        h = self.vera_d * F.linear(self.dropout(x).to(vera_a.dtype), vera_a)
-        return y + (self.vera_b * F.linear(h, vera_b)).to(y.dtype)
+        h = compute_copy(self.vera_d, x) * F.linear(self.dropout(x), compute_copy(vera_a, x))
+        return y + (compute_copy(self.vera_b, x) * F.linear(h, compute_copy(vera_b, x))).to(y.dtype)
 
     def merged(self) -> nn.Linear:
         """``W = W0 + diag(b) B diag(d) A`` as a plain nn.Linear (dequantized if the base was 4-bit)."""
