@@ -131,6 +131,7 @@ class PeftModule(L.LightningModule):
         groups = self.method.param_groups(self.model, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
         check_groups_cover(groups, self.model)
         optimizer = build_optimizer(groups, self.optim)
+        self.method.on_optimizer_built(self.model, optimizer)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         self.method.plan_training(total)
         warmup = math.ceil(self.optim.warmup_ratio * total)

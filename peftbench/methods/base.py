@@ -115,6 +115,13 @@ class PeftMethod:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called after every real optimizer step (not after accumulation micro-steps)."""
 
+    def on_optimizer_built(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called once after the optimizer is built (again for each new optimizer, e.g. on resume), e.g. to
+        register ``optimizer.register_step_pre_hook``, which runs inside ``optimizer.step()``. Under
+        Lightning's automatic optimization ``step`` gets a closure that runs forward, backward and gradient
+        clipping, and the pre-hook runs before it: a hook that needs the clipped gradients wraps that closure
+        (a pre-hook may return new arguments), as LoRA-FA's does (`lora_fa.py`). Default: nothing."""
+
     # ----- merging, disabling, saving --------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold every adapter layer into a plain layer, in place; returns the model."""
