@@ -51,6 +51,30 @@ def test_multirun_with_a_failed_job_still_reports(tmp_path: Path) -> None:
     report = (tmp_path / "sweep" / "report" / "report.md").read_text()
     assert "lora" in report and "vera" in report and "Failed runs" in report and "bitfit" in report
     assert (tmp_path / "sweep" / "report" / "report.html").stat().st_size > 10_000
+    progress = [line for line in result.stderr.splitlines() if line.startswith("[peftbench] run ")]
+    assert len(progress) == 6 and progress[0].startswith("[peftbench] run 1/6 (")
+    assert "method=lora" in progress[0] and "5 done in" in progress[5] and "left" in progress[5]
+
+
+def test_progress_counts_the_jobs_of_a_basic_sweep() -> None:
+    from peftbench.sweep_progress import duration, sweep_size
+
+    assert sweep_size(compose_sweep("experiment=compare_default")) == 7
+    assert sweep_size(compose_sweep("experiment=canonical_summarization")) == 21
+    cfg = OmegaConf.create(
+        {
+            "hydra": {
+                "sweeper": {
+                    "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": {"method": "lora,vera", "seed": "0,1,2"},
+                },
+                "overrides": {"task": ["seed=range(0,5)", "optim.lr=1e-3"]},
+            }
+        }
+    )
+    assert sweep_size(cfg) == 10  # method 2 x seed 5 (the command line's sweep wins)
+    assert sweep_size(compose_sweep("+sweep=lr_search", "method=lora")) is None  # Optuna: no known total
+    assert (duration(42), duration(312), duration(3720)) == ("42s", "5m12s", "1h02m")
 
 
 # ----- Optuna learning-rate search (conf/sweep/, peftbench/tuned.py) -------------------------------------
