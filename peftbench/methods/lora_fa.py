@@ -7,9 +7,14 @@ dropout mask is regenerated from a seed in backward instead of being stored (tor
 full-width mask, which plain autograd with a frozen A would still save).
 
 The optional ``precondition`` flag is the gradient projection of the paper's v2 (what PEFT's
-``create_lorafa_optimizer`` does): ``g_B <- g_B (A A^T + 1e-8 I)^-1 / s^2`` before the optimizer sees
-it. It is applied inside the adapter's backward, so no special optimizer is needed; unlike PEFT, where it
-runs inside the optimizer step, it acts before gradient clipping.
+``create_lorafa_optimizer`` does): ``g_B <- g_B (A A^T + 1e-8 I)^-1 / s^2`` right before the optimizer's
+update. As in PEFT's ``LoraFAOptimizer`` it acts inside ``optimizer.step()``, after gradient clipping (and
+after the gradients of every accumulation micro-batch are summed), so any optimizer will do: `LoRAFA`'s
+`on_optimizer_built` registers `Preconditioner` as the optimizer's step pre-hook. Lightning's automatic
+optimization hands ``step`` a closure that runs forward, backward and clipping, and step pre-hooks run before
+that closure: the hook then wraps the closure, so that the projection follows it; a plain ``step()`` (the
+gradients already computed and clipped) is projected at once. The hook is registered once per optimizer; on
+resume, Lightning builds a new optimizer (`configure_optimizers`) and it is registered on that one.
 
 Export: a PEFT LORA adapter (`LoRA.peft_export`) with the frozen A as ``lora_A.weight``: PEFT's LoRA-FA is
 an optimizer over a plain LoRA, so the trained adapter is a plain LoRA.
@@ -24,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.errors import bad_value
+from peftbench.errors import ConfigError, bad_value
 from peftbench.methods.base import AdapterLayer, adapter_layers
 from peftbench.methods.lora import LoRA, LoRALinear
 from peftbench.methods.registry import register
 
 #: ridge added to A A^T before inverting it (the value PEFT's LoRA-FA optimizer uses)
 PRECONDITION_EPS = 1e-8
+#: the attribute under which an optimizer holds its `Preconditioner` hook (so that it is registered once)
+HOOK_ATTRIBUTE = "_peftbench_lora_fa_preconditioner"
 
 
 def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -62,7 +69,6 @@ class _LoRAFABranch(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
         p: float,
-        precondition: bool,
     ) -> torch.Tensor:
         seed = None
         if p > 0:
@@ -72,7 +78,7 @@ class _LoRAFABranch(torch.autograd.Function):
         h = F.linear(x.to(lora_a.dtype), lora_a)
         y = F.linear(h, lora_b) * scaling
         ctx.save_for_backward(h, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.seed, ctx.precondition = scaling, p, seed, precondition
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
         ctx.x_dtype = x.dtype
         return y
 
@@ -85,18 +91,17 @@ class _LoRAFABranch(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = ctx.scaling * (grad_y.reshape(-1, grad_y.shape[-1]).T @ h.reshape(-1, h.shape[-1]))
             grad_b = grad_b.to(lora_b.dtype)
-            if ctx.precondition:
-                grad_b = precondition_grad_b(grad_b, lora_a, ctx.scaling)
         if ctx.needs_input_grad[0]:
             grad_x = ((grad_y @ lora_b.to(dtype)) * ctx.scaling) @ lora_a.to(dtype)
             grad_x = grad_x.to(ctx.x_dtype)
             if ctx.p > 0:
                 grad_x = grad_x * _keep_mask(grad_x, ctx.p, ctx.seed)
-        return grad_x, None, grad_b, None, None, None
+        return grad_x, None, grad_b, None, None
 
 
 class LoRAFALinear(LoRALinear):
-    """LoRA with A frozen as a buffer (no gradient, no optimizer state); see `_LoRAFABranch`."""
+    """LoRA with A frozen as a buffer (no gradient, no optimizer state); see `_LoRAFABranch`. `precondition`:
+    B's gradient is projected by the optimizer's `Preconditioner` hook (module doc)."""
 
     def __init__(
         self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, precondition: bool
@@ -109,7 +114,49 @@ class LoRAFALinear(LoRALinear):
 
     def adapter_branch(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
-        return _LoRAFABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p, self.precondition)
+        return _LoRAFABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p)
+
+
+class Preconditioner:
+    """The optimizer step pre-hook of ``precondition: true``: ``g_B <- g_B (A A^T + 1e-8 I)^-1 / s^2`` for
+    every layer, after the gradients are complete and clipped, right before the update (module doc)."""
+
+    def __init__(self, layers: list[LoRAFALinear]) -> None:
+        self.layers = layers
+
+    @torch.no_grad()
+    def precondition(self) -> None:
+        """Project every layer's B gradient in place (a layer without a gradient is skipped)."""
+        for layer in self.layers:
+            grad = layer.lora_B.grad
+            if grad is None:
+                continue
+            if grad.shape != layer.lora_B.shape:
+                raise ConfigError(
+                    "method.precondition=true needs B's whole gradient at the optimizer step; got one of "
+                    f"shape {tuple(grad.shape)} for B {tuple(layer.lora_B.shape)} (sharded, e.g. FSDP); "
+                    "accepted: precondition=false, or an unsharded strategy (single device, DDP)"
+                )
+            grad.copy_(precondition_grad_b(grad, layer.lora_A, layer.scaling))
+
+    def __call__(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Step pre-hook (`args` starts with the optimizer): with a closure (Lightning's forward, backward,
+        clipping) wrap it to project after it; without one the gradients are final: project now."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.precondition()
+            return None
+
+        def closure_then_precondition() -> Any:
+            loss = closure()
+            self.precondition()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_precondition}
+        return (args[0], closure_then_precondition, *args[2:]), kwargs
 
 
 @register
@@ -128,6 +175,21 @@ class LoRAFA(LoRA):
 
     def make_layer(self, base: nn.Module) -> AdapterLayer:
         return LoRAFALinear(base, self.r, self.alpha, self.dropout, self.rslora, self.precondition)
+
+    def on_optimizer_built(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """With `precondition`: register the `Preconditioner` (for the layers whose B this optimizer trains)
+        as `optimizer`'s step pre-hook, once per optimizer."""
+        if not self.precondition or getattr(optimizer, HOOK_ATTRIBUTE, None) is not None:
+            return
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        layers = [
+            layer
+            for _, layer in adapter_layers(model)
+            if isinstance(layer, LoRAFALinear) and layer.precondition and id(layer.lora_B) in trained
+        ]
+        hook = Preconditioner(layers)
+        optimizer.register_step_pre_hook(hook)
+        setattr(optimizer, HOOK_ATTRIBUTE, hook)
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The frozen A of every layer: it is random, so the adapter file must carry it."""
