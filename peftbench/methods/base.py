@@ -4,7 +4,8 @@ A method is one small class (one file) that says
 - which layers it wraps or adds (`attach`, using the shared walker in `walker.py`);
 - which parameters train (`trainable_parameters`, found structurally from its adapter layers);
 - its optimizer parameter groups (`param_groups`; checked to cover every trainable parameter once);
-- an optional hook after each real optimizer step (`after_optimizer_step`);
+- an optional hook after each real optimizer step (`after_optimizer_step`), and one when the optimizer is
+  built (`on_optimizer_built`, e.g. to act inside `optimizer.step()`, after gradient clipping);
 - how it merges, disables (for a reference model) and saves (`merge`, `disabled`, `adapter_state_dict`,
   `final_state_dict`).
 The LightningModule only calls these; it never branches on a method's name.
