@@ -42,6 +42,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from peftbench.build import Built, attach_task, build_base, new_run_id, output_dir, seed_everything
 from peftbench.errors import ConfigError, bad_value
 
 log = logging.getLogger(__name__)
@@ -65,28 +66,6 @@ class Stage:
     task_overrides: dict[str, Any]
     max_steps: int | None
     lr: float | None
-
-
-@dataclass
-class Carry:
-    """What a stage hands to `run.train_and_record`: the model with the method already applied (and the
-    adapter as the stages before left it), and the stage's own directory."""
-
-    run_dir: Path
-    model: Any
-    tokenizer: Any
-    method: Any
-    base_total: int  # parameters of the model before the method was applied
-    untuned: bool  # the model is the untuned base (the first stage): its score before may be shared
-
-    def continue_with(self, task: Any, seed: int) -> tuple[Any, Any, Any, dict[str, Any], Any]:
-        """Set `task` up on the carried model: `(model, tokenizer, method, base_report, head)`. A head the
-        task adds (a classifier) trains beside the adapter, as `method.apply(model, head=...)` does."""
-        task.setup(self.tokenizer, seed)
-        head = task.head(self.model)
-        if head is not None:
-            head.requires_grad_(True)
-        return self.model, self.tokenizer, self.method, {"total": self.base_total}, head
 
 
 # ----- the plan ------------------------------------------------------------------------------------------
@@ -209,8 +188,8 @@ def evaluate(cfg: DictConfig, model: Any, method: Any, task: Any, root: Path) ->
     """Test `task` on the model as it is now (the same module and loader as a run's test pass)."""
     import lightning as L
 
-    from peftbench.checkpointing import own_generator
     from peftbench.module import PeftModule
+    from peftbench.tasks.sampler import own_generator
 
     trainer = L.Trainer(
         accelerator=cfg.trainer.get("accelerator", "auto"),
@@ -252,35 +231,27 @@ def _load_state(path: Path, plan: list[Any], resume: Any) -> dict[str, Any] | No
     return state
 
 
-def _start(cfg: DictConfig, state: dict[str, Any] | None, run_dir: Path) -> Carry:
+def _start(cfg: DictConfig, method: Any, state: dict[str, Any] | None, run_dir: Path) -> Built:
     """Load the model and apply the method; on resume, load the adapter at the end of the last finished
     stage and make trainable again exactly what was trainable then (a task's head too)."""
-    import lightning as L
     from safetensors.torch import load_file
 
-    from peftbench.methods import build_method
     from peftbench.methods.io import ADAPTER_FILE
-    from peftbench.models import load_model
-    from peftbench.summary import parameter_report
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, tokenizer = load_model(cfg.model)
-    base_total = parameter_report(model)["total"]
-    method = build_method(OmegaConf.to_container(cfg.method, resolve=True))  # type: ignore[arg-type]
-    method.apply(model)
+    base = build_base(cfg, method)
     done = state["done"] if state else []
     if done:
         last = done[-1]
         adapter = stage_dir(run_dir, len(done) - 1, last["name"]) / "adapter" / ADAPTER_FILE
-        method.load_adapter_state_dict(model, load_file(str(adapter)))
+        method.load_adapter_state_dict(base.model, load_file(str(adapter)))
         trainable = set(last["trainable"])
-        for name, param in model.named_parameters():
+        for name, param in base.model.named_parameters():
             param.requires_grad_(name in trainable)
-        if {n for n, p in model.named_parameters() if p.requires_grad} != trainable:
+        if {n for n, p in base.model.named_parameters() if p.requires_grad} != trainable:
             raise ConfigError(
                 f"{run_dir / STATE_FILE} names parameters this model lacks; accepted: resume=null"
             )
-    return Carry(run_dir, model, tokenizer, method, base_total, untuned=not done)
+    return base
 
 
 def _summary(record: dict[str, Any], stage: Stage, index: int) -> dict[str, Any]:
@@ -304,55 +275,66 @@ def _summary(record: dict[str, Any], stage: Stage, index: int) -> dict[str, Any]
     }
 
 
-def run_stages(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train every stage in turn, re-test the earlier stages' tasks, report forgetting: `(record, objects)`
-    as `run.train_and_record` returns them. ConfigError on bad input before any training."""
-    from peftbench.checkpointing import CHECKPOINT_DIR
+def run_stages(
+    cfg: DictConfig, run_id: str | None = None, run_dir: Path | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train every stage in turn, re-test the earlier stages' tasks, report forgetting: `(record, objects)`.
+    ConfigError on bad input before any training. `run_dir`: default, Hydra's output directory."""
     from peftbench.methods.io import save_adapter
     from peftbench.records import atomic_write_json, redact, write_record
-    from peftbench.run import _run_dir, run_id, train_and_record
+    from peftbench.resume import config_fingerprint, resume_for
+    from peftbench.train import train
     from peftbench.validation import validate_config
 
     started = time.perf_counter()
-    run_dir = _run_dir()
+    run_dir = run_dir or output_dir()
     stages = parse_stages(cfg.stages)
     configs = [stage_config(cfg, stage) for stage in stages]
     check_supported(cfg)
-    for config in configs:  # every stage's config is checked before the first one trains
-        validate_config(config)
+    checked = [validate_config(config) for config in configs]  # every stage checked before the first trains
+    fingerprints = [
+        config_fingerprint(config, method) for config, (method, _) in zip(configs, checked, strict=True)
+    ]
     plan = plan_fingerprint(cfg, stages, configs)
     state_path = run_dir / STATE_FILE
     state = _load_state(state_path, plan, cfg.get("resume", "auto"))
-    run_id_ = (state or {}).get("run_id") or run_id_ or run_id(cfg)
+    run_id = (state or {}).get("run_id") or run_id or new_run_id(cfg)
     done: list[dict[str, Any]] = list(state["done"]) if state else []
-    carry = _start(configs[0], state, run_dir)
+    base = _start(configs[0], checked[0][0], state, run_dir)
     if done:
         log.info("resuming a stages run: %s finished", ", ".join(d["name"] for d in done))
-    tasks: list[Any] = []
+    tasks = [task for _, task in checked]
     last_record: dict[str, Any] = {}
+    where = run_dir
     for index, (stage, config) in enumerate(zip(stages, configs, strict=True)):
-        carry.run_dir = stage_dir(run_dir, index, stage.name)
+        where = stage_dir(run_dir, index, stage.name)
         if index < len(done):  # finished before an interruption: its task is set up for the re-test only
-            task = validate_config(config)[1]
-            carry.continue_with(task, config.seed)
-            task.use_reference(lambda: carry.method.disabled(carry.model))
-            tasks.append(task)
+            attach_task(config, base, tasks[index])
             continue
         log.info("stage %d/%d: %s (task %s)", index + 1, len(stages), stage.name, config.task.name)
-        record, objects = train_and_record(config, f"{run_id_}-stage{index + 1}", carry)
-        write_record(record, carry.run_dir, None)
-        tasks.append(objects["task"])
-        trainable = [n for n, p in carry.model.named_parameters() if p.requires_grad]
+        seed_everything(config.seed)
+        resume = resume_for(config, where, fingerprints[index])
+        built = attach_task(config, base, tasks[index])
+        record = train(
+            config,
+            built,
+            where,
+            run_id=(resume.run_id if resume else None) or f"{run_id}-stage{index + 1}",
+            fingerprint=fingerprints[index],
+            resume=resume,
+            untuned=index == 0,  # a later stage starts from the adapter the stage before left
+        ).record
+        write_record(record, where, None)
+        trainable = [n for n, p in base.model.named_parameters() if p.requires_grad]
         done.append({**_summary(record, stage, index + 1), "trainable": trainable})
-        atomic_write_json(state_path, {"run_id": run_id_, "plan": plan, "done": done})
-        carry.untuned = False
+        atomic_write_json(state_path, {"run_id": run_id, "plan": plan, "done": done})
         last_record = record
     if not last_record:  # every stage had finished: the last stage's record, as written
-        last_record = json.loads((carry.run_dir / "record.json").read_text())
+        last_record = json.loads((where / "record.json").read_text())
 
     forgetting: dict[str, Any] = {}
     for index in range(len(stages) - 1):  # every earlier stage's task, on the model after the last stage
-        after = evaluate(configs[index], carry.model, carry.method, tasks[index], run_dir / STAGES_DIR)
+        after = evaluate(configs[index], base.model, base.method, tasks[index], run_dir / STAGES_DIR)
         entry = done[index]
         entry["metrics_after_last"] = after
         key = entry["primary_metric"]
@@ -364,8 +346,10 @@ def run_stages(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[str, A
             "change": now - own,
         }
     if cfg.save_adapter:
-        save_adapter(carry.model, carry.method, run_dir / "adapter")
+        save_adapter(base.model, base.method, run_dir / "adapter")
     if not cfg.checkpoint.get("keep_on_success", True):
+        from peftbench.checkpointing import CHECKPOINT_DIR
+
         for index, stage in enumerate(stages):
             shutil.rmtree(stage_dir(run_dir, index, stage.name) / CHECKPOINT_DIR, ignore_errors=True)
 
@@ -374,7 +358,7 @@ def run_stages(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[str, A
     train_s = sum(d["time"]["train_step_s"] * len(d["history"]["train_loss"]) for d in done)
     record = {
         **last_record,
-        "run_id": run_id_,
+        "run_id": run_id,
         "task": "->".join(d["task"] for d in done),
         "stages": summaries,
         "forgetting": forgetting,
@@ -394,7 +378,7 @@ def run_stages(cfg: DictConfig, run_id_: str | None = None) -> tuple[dict[str, A
         "config": redact(OmegaConf.to_container(cfg, resolve=True)),
         "run_dir": str(run_dir),
     }
-    objects = {"model": carry.model, "method": carry.method, "tasks": tasks, "stages": stages}
+    objects = {"model": base.model, "method": base.method, "tasks": tasks, "stages": stages}
     return record, objects
 
 

@@ -154,9 +154,9 @@ def task_config(task: Any) -> Any:
 def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
     """Every check of the input that needs neither the model nor the data: a one-line ConfigError naming
     the bad key, before anything is loaded. Returns the built `(method, task)`."""
-    from peftbench.checkpointing import check_checkpoint_config
     from peftbench.methods import build_method
     from peftbench.optim import check_optim_config
+    from peftbench.resume import check_checkpoint_config
     from peftbench.tasks import build_task
 
     method_values = OmegaConf.to_container(cfg.method, resolve=True)

@@ -1,4 +1,4 @@
-"""`python -m tests.ddp_worker OUT OVERRIDE...`: one training run through `peftbench.run.train_and_record`
+"""`python -m tests.ddp_worker OUT OVERRIDE...`: one training run through `peftbench.run.run_single`
 (the CLI's path, minus the results store) in the current directory, then every rank writes its model's
 whole state (trainable tensors, buffers, the base weights) to `OUT/rank<r>.safetensors`, and rank 0 the
 record to `OUT/record.json`. With `trainer=ddp trainer.devices=2` Lightning starts rank 1 by running this
@@ -15,10 +15,10 @@ from pathlib import Path
 def main(out: Path, overrides: list[str]) -> None:
     from safetensors.torch import save_file
 
-    from peftbench.run import train_and_record
+    from peftbench.run import run_single
     from peftbench.validation import load_config
 
-    record, objects = train_and_record(load_config(overrides))
+    record, objects = run_single(load_config(overrides))
     rank = objects["trainer"].global_rank
     state = {k: v.detach().cpu().contiguous().clone() for k, v in objects["model"].state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 import peftbench.tasks.sampler as sampler_module
-from peftbench.checkpointing import resumable_train_loader
 from peftbench.errors import ConfigError
 from peftbench.methods import build_method
 from peftbench.padding import PaddingStats, mask_counts
 from peftbench.tasks.collate import CausalLMCollator, Encoded
 from peftbench.tasks.common import make_loader
 from peftbench.tasks.objectives import target_token_loss
-from peftbench.tasks.sampler import ResumableSampler, group_by_length, grouped_order
+from peftbench.tasks.sampler import ResumableSampler, group_by_length, grouped_order, resumable_train_loader
 from tests.conftest import tiny_model_cfg
 from tests.test_resume import run_cli
 

@@ -21,14 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from peftbench.checkpointing import (
-    AtomicCheckpointIO,
-    candidates,
-    find_checkpoint,
-    load_checkpoint_file,
-    resolve_resume,
-)
+from peftbench.checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from peftbench.errors import ConfigError
+from peftbench.resume import candidates, find_checkpoint, resolve_resume
 from peftbench.tasks.sampler import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]

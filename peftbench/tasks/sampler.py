@@ -19,20 +19,33 @@ and aware of the ranks.)
 
 `len()` is the full per-rank epoch length even while skipping: Lightning counts the batches it restored
 from the checkpoint plus the ones still to come.
+
+The training loader's resumable state lives here too: `resumable_train_loader` rebuilds a task's loader
+around a `ResumableSampler`, `loader_state` is what a checkpoint keeps of the data position and
+`restore_loader_state` hands it back to the sampler (peftbench/checkpointing.py calls both).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from peftbench.errors import ConfigError
 
+log = logging.getLogger(__name__)
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: (seed, epoch) pairs map to distinct generator seeds
 #: global batches per mega-batch when grouping by length: bigger groups closer lengths, smaller keeps the
 #: batches' composition more random from epoch to epoch (HF transformers uses 50)
@@ -146,3 +159,74 @@ def group_by_length(loader: DataLoader) -> DataLoader:
         )
     sampler.group_by_length(example_lengths(loader.dataset, loader.collate_fn), loader.batch_size)  # type: ignore[arg-type]
     return loader
+
+
+# ----- the training loader's resumable state --------------------------------------------------------------
+def resumable_train_loader(loader: DataLoader, seed: int) -> DataLoader:
+    """The training loader with a `ResumableSampler` (exact mid-epoch resume, DDP sharding).
+
+    A plain shuffled or sequential loader is rebuilt around the sampler (as Lightning rebuilds loaders for
+    its distributed sampler); a loader that already has one is kept; anything else (a custom batch sampler,
+    an iterable dataset) is kept as it is, and resumes at the start of its epoch (Lightning warns).
+    """
+    if isinstance(loader.sampler, ResumableSampler):
+        if loader.generator is None:
+            loader.generator = torch.Generator().manual_seed(seed)
+        return loader
+    sampler = loader.sampler
+    plain = (
+        type(loader) is DataLoader
+        and type(loader.batch_sampler) is BatchSampler
+        and not isinstance(loader.dataset, IterableDataset)
+        and (
+            type(sampler) is SequentialSampler
+            or (type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None)
+        )
+    )
+    if not plain:
+        log.warning("the training loader (%s) cannot resume mid-epoch exactly", type(loader.sampler).__name__)
+        return loader
+    kwargs: dict[str, Any] = {
+        "batch_size": loader.batch_size,
+        "drop_last": loader.drop_last,
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "persistent_workers": loader.persistent_workers,
+    }
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+    shuffle = isinstance(sampler, RandomSampler)
+    return DataLoader(
+        loader.dataset,
+        sampler=ResumableSampler(len(loader.dataset), seed=seed, shuffle=shuffle),  # type: ignore[arg-type]
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+
+
+def own_generator(loader: DataLoader, seed: int = 0) -> DataLoader:
+    """Give an evaluation loader its own generator: making its iterator then leaves the global RNG alone
+    (otherwise a validation pass would shift the dropout masks of the steps after it)."""
+    if loader.generator is None:
+        loader.generator = torch.Generator().manual_seed(seed)
+    return loader
+
+
+def loader_state(trainer: Any) -> dict[str, int]:
+    """The training data position a checkpoint keeps: the epoch and the batches of it already drawn."""
+    return {
+        "epoch": int(trainer.current_epoch),
+        "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+    }
+
+
+def restore_loader_state(loader: DataLoader, state: dict[str, int] | None) -> None:
+    """Make the next pass over the saved epoch start after the batches drawn before (a `ResumableSampler`
+    only; another loader resumes at the start of its epoch)."""
+    sampler = getattr(loader, "sampler", None)
+    if state and isinstance(sampler, ResumableSampler):
+        sampler.resume_at(state["epoch"], state["batches"] * int(loader.batch_size or 1))
