@@ -67,6 +67,10 @@ class PeftMethod:
     modifies_base: ClassVar[bool] = False
     #: the adapter can be folded into the base weights
     mergeable: ClassVar[bool] = False
+    #: the method inserts layers of its own (else it trains the base's own weights: full, partial, BitFit)
+    inserts_layers: ClassVar[bool] = True
+    #: the method has an HF PEFT equivalent, written by `peft_export` (peftbench/export.py)
+    peft_form: ClassVar[bool] = False
     #: at initialisation the adapted model computes exactly the base model's function
     identity_at_init: ClassVar[bool] = True
     #: the integer hyper-parameter that sets the adapter's size (LoRA's r), or None: equal-parameter-budget

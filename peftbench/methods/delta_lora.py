@@ -94,6 +94,7 @@ class DeltaLoRA(LoRA):
 
     name: ClassVar[str] = "delta_lora"
     modifies_base: ClassVar[bool] = True
+    peft_form: ClassVar[bool] = False  # a PEFT LoRA adapter would leave out the changed base
 
     dropout: float = 0.0
     update_ratio: float = 2.0

@@ -41,6 +41,7 @@ class BaseWeightsMethod(PeftMethod):
     modifies_base: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
+    inserts_layers: ClassVar[bool] = False
 
 
 @register

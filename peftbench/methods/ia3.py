@@ -78,6 +78,7 @@ class IA3(PeftMethod):
 
     name: ClassVar[str] = "ia3"
     mergeable: ClassVar[bool] = True
+    peft_form: ClassVar[bool] = True
 
     target_modules: str | list[str] = dataclasses.field(
         default_factory=lambda: ["k_proj", "v_proj", "down_proj"]

@@ -97,6 +97,7 @@ class LoRA(PeftMethod):
 
     name: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
+    peft_form: ClassVar[bool] = True  # also LoRA-FA, LoRA+, QLoRA, DoRA, PiSSA (not Delta-LoRA)
     size_knob: ClassVar[str | None] = "r"  # also for LoRA-FA, LoRA+, Delta-LoRA, QLoRA
 
     r: int = 16

@@ -151,6 +151,7 @@ class PrefixTuning(PeftMethod):
     """Key/value prefixes for every layer, reparameterised through an MLP while training (module doc)."""
 
     name: ClassVar[str] = "prefix_tuning"
+    peft_form: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = False  # the initial prefixes already change the function
 
     num_virtual_tokens: int = 20

@@ -73,6 +73,7 @@ class PromptTuning(PeftMethod):
     """p soft-prompt embeddings, initialised from sampled vocabulary embeddings (see the module doc)."""
 
     name: ClassVar[str] = "prompt_tuning"
+    peft_form: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = False  # the initial prompt already changes the function
 
     num_virtual_tokens: int = 20

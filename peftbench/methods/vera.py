@@ -122,6 +122,7 @@ class VeRA(PeftMethod):
 
     name: ClassVar[str] = "vera"
     mergeable: ClassVar[bool] = True
+    peft_form: ClassVar[bool] = True
     size_knob: ClassVar[str | None] = "r"  # trainable d has r entries per layer
 
     r: int = 256
