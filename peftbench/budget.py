@@ -22,11 +22,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from peftbench.errors import ConfigError, bad_value
+
+if TYPE_CHECKING:
+    from peftbench.record import Record
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +233,7 @@ def apply_budget(cfg: DictConfig) -> Fit | None:
 
 
 # ----- the report's statement ----------------------------------------------------------------------------
-def param_budget(records: list[dict[str, Any]]) -> dict[str, Any]:
+def param_budget(records: list[Record]) -> dict[str, Any]:
     """What the study's ok runs say about their parameter budget: the target (None: no budget; a list when
     runs differ) and per method the chosen knob value and its trainable count, or `matched: false`."""
     targets = sorted({_fit(r).get("target") for r in records} - {None})
@@ -239,13 +242,13 @@ def param_budget(records: list[dict[str, Any]]) -> dict[str, Any]:
         fit = _fit(r)
         if fit:
             entry = {k: fit.get(k) for k in ("matched", "knob", "value", "trainable", "next_trainable")}
-            methods.setdefault(str(r.get("method")), entry)
+            methods.setdefault(str(r.method), entry)
     target = targets[0] if len(targets) == 1 else (targets or None)
     return {"target": target, "methods": methods}
 
 
-def _fit(record: dict[str, Any]) -> dict[str, Any]:
-    budget = (record.get("config") or {}).get("budget") or {}
+def _fit(record: Record) -> dict[str, Any]:
+    budget = (record.config or {}).get("budget") or {}
     fit = budget.get("fit") if isinstance(budget, dict) else None
     return fit if isinstance(fit, dict) else {}
 

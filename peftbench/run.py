@@ -15,7 +15,6 @@ python -m peftbench.run method=vera resume=outputs/default/vera/seed0-20250101-1
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from peftbench.build import build, new_run_id, output_dir, prepare
+from peftbench.cli_checks import CONF_DIR
 from peftbench.errors import ConfigError
+from peftbench.record import RECORD_FILE, Record, read_record, write_record
 from peftbench.tuned import objective, register_resolvers
 from peftbench.validation import composition_error, load_config
 
@@ -55,7 +56,7 @@ def _rank_zero() -> bool:
 
 
 # ----- one run --------------------------------------------------------------------------------------------
-def run_single(cfg: DictConfig, run_id: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_single(cfg: DictConfig, run_id: str | None = None) -> tuple[Record, dict[str, Any]]:
     """One run (no stages): `(record, objects)`; ConfigError on bad input before training."""
     from peftbench.resume import config_fingerprint, resume_for
     from peftbench.train import train
@@ -92,20 +93,17 @@ def previous_run_id(run_dir: Path, cfg: DictConfig) -> str | None:
     """The run id of an earlier attempt of this run in the same directory (an interrupted or failed one),
     so the resumed run's record replaces its record in the results store instead of adding one."""
     try:
-        old = json.loads((run_dir / "record.json").read_text())
-    except (OSError, ValueError):
+        old = read_record(run_dir / RECORD_FILE)
+    except (OSError, ValueError, TypeError):
         return None
-    same = all(
-        old.get(key) == value
-        for key, value in (
-            ("study", cfg.study),
-            ("seed", cfg.seed),
-            ("method", cfg.method.get("name")),
-            ("model", cfg.model.get("name")),
-            ("task", cfg.task.get("name")),
-        )
+    same = (old.study, old.seed, old.method, old.model, old.task) == (
+        cfg.study,
+        cfg.seed,
+        cfg.method.get("name"),
+        cfg.model.get("name"),
+        cfg.task.get("name"),
     )
-    return old.get("run_id") if same and isinstance(old.get("run_id"), str) else None
+    return old.run_id if same and isinstance(old.run_id, str) else None
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -117,80 +115,77 @@ def resume_hint(run_dir: Path) -> str:
     return " ".join(["python -m peftbench.run", *overrides, f"hydra.run.dir={run_dir}"])
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> Record:
     """Train and record one run; a failure is recorded too (status `failed`, the error) and re-raised, an
     interrupt (SIGINT/SIGTERM) as status `interrupted` with the checkpoint to resume from."""
     from peftbench.checkpointing import CHECKPOINT_DIR
+    from peftbench.console import print_stages, print_summary
+    from peftbench.environment import environment
     from peftbench.interrupts import INTERRUPTS, RunInterrupted
-    from peftbench.records import environment, install_log_redaction, redact_files, write_record
+    from peftbench.redaction import install_log_redaction, redact_files
     from peftbench.resume import newest_checkpoint
-    from peftbench.stages import print_stages, run_stages
-    from peftbench.summary import print_summary
+    from peftbench.stages import run_stages
 
     store = Path(cfg.results_dir) / cfg.study
     run_dir = output_dir()
     install_log_redaction()
     redact_files(run_dir / ".hydra")
+    env = environment()  # the machine as the run starts (its load average, before this run adds to it)
     rid = previous_run_id(run_dir, cfg) or new_run_id(cfg)
 
-    def base() -> dict[str, Any]:
-        return {
-            "run_id": rid,
-            "study": cfg.study,
-            "method": cfg.method.get("name"),
-            "model": cfg.model.get("name"),
-            "task": cfg.task.get("name"),
-            "seed": cfg.seed,
-            "config": OmegaConf.to_container(cfg, resolve=False),
-        }
+    def ended(status: str, **fields: Any) -> Record:
+        """The record of a run that did not finish."""
+        names = {k: cfg[k].get("name") for k in ("method", "model", "task")}
+        config = OmegaConf.to_container(cfg, resolve=False)
+        return Record(rid, status, cfg.study, seed=cfg.seed, config=config, env=env, **names, **fields)  # type: ignore[arg-type]
 
     INTERRUPTS.install()
     try:
         record, _ = (run_stages if cfg.get("stages") else run_single)(cfg, rid)
+        record.env = env
         if _rank_zero():
-            write_record({**record, "env": environment()}, run_dir, store)
+            write_record(record, run_dir, store)
     except RunInterrupted as err:
-        record = {
-            **base(),
-            "status": "interrupted",
-            "signal": err.signal_name,
-            "step": err.step,
-            "checkpoint": str(err.checkpoint) if err.checkpoint else newest_checkpoint(run_dir),
-            "resume": resume_hint(run_dir),
-            "error": str(err),
-        }
+        record = ended(
+            "interrupted",
+            signal=err.signal_name,
+            step=err.step,
+            checkpoint=str(err.checkpoint) if err.checkpoint else newest_checkpoint(run_dir),
+            resume=resume_hint(run_dir),
+            error=str(err),
+        )
         if _rank_zero():
-            write_record({**record, "env": environment()}, run_dir, store)
+            write_record(record, run_dir, store)
         raise
     except Exception as err:
-        record = {
-            **base(),
-            "status": "failed",
-            "failure": failure_kind(err),
-            "error": f"{type(err).__name__}: {err}",
-            "checkpoint": newest_checkpoint(run_dir),
-        }
-        if not isinstance(err, ConfigError):
-            record["traceback"] = traceback.format_exc()
+        record = ended(
+            "failed",
+            failure=failure_kind(err),
+            error=f"{type(err).__name__}: {err}",
+            checkpoint=newest_checkpoint(run_dir),
+            traceback=None if isinstance(err, ConfigError) else traceback.format_exc(),
+        )
         if _rank_zero():
-            write_record({**record, "env": environment()}, run_dir, store)
+            write_record(record, run_dir, store)
         raise
     finally:
         INTERRUPTS.restore()
     if _rank_zero():
         print_summary(record)
-        if record.get("stages"):
+        if record.stages:
             print_stages(record)
         if not cfg.checkpoint.get("keep_on_success", True):
             shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     return record
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# an absolute path: Hydra reads it as a directory whether peftbench runs as `python -m peftbench.run` or as
+# the `peftbench` command (a relative one would name a Python package there), from a clone or a wheel
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """The Hydra task function. Returns the validation score a sweeper (Optuna) maximises, or None."""
     from peftbench.interrupts import RunInterrupted
-    from peftbench.records import redact
+    from peftbench.redaction import redact
 
     try:
         record = run(cfg)
@@ -223,12 +218,13 @@ def check_overrides(argv: Sequence[str]) -> None:
     if any(arg.startswith("-") for arg in argv):
         return
     overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    searchpath = [a for a in argv if a.lstrip("+~").startswith("hydra.searchpath=")]  # a user's own configs
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as err:
         raise ConfigError(composition_error(err, overrides)) from None
     # sweep values (an experiment may set hydra.mode=MULTIRUN without -m) are Hydra's to expand
-    load_config([o.input_line for o in parsed if not o.is_sweep_override() and o.input_line])
+    load_config([o.input_line for o in parsed if not o.is_sweep_override() and o.input_line] + searchpath)
 
 
 def cli() -> None:

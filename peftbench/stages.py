@@ -31,6 +31,7 @@ configs, steps, lr, method, model or seed) is refused, and so is `resume=<path>`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -44,6 +45,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from peftbench.build import Built, attach_task, build_base, new_run_id, output_dir, seed_everything
 from peftbench.errors import ConfigError, bad_value
+from peftbench.record import Forgetting, History, Record, StageResult, from_plain, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -254,34 +256,43 @@ def _start(cfg: DictConfig, method: Any, state: dict[str, Any] | None, run_dir: 
     return base
 
 
-def _summary(record: dict[str, Any], stage: Stage, index: int) -> dict[str, Any]:
+def _summary(record: Record, stage: Stage, index: int) -> StageResult:
     """A stage's entry in the run's record (its full record stays in its directory)."""
-    return {
-        "index": index,
-        "name": stage.name,
-        "task": record["task"],
-        "primary_metric": record["primary_metric"],
-        "metrics": record["metrics"],
-        "steps": record["steps"],
-        "max_steps": record["config"]["trainer"]["max_steps"],
-        "lr": record["config"]["optim"]["lr"],
-        "train_tokens": record["train_tokens"],
-        "time": record["time"],
-        "peak_train_bytes": record["memory"]["peak_train_bytes"],
-        "history": record["history"],
-        "data": record["data"],
-        "run_dir": record["run_dir"],
-        "resumed_from": record["resumed_from"],
-    }
+    assert record.memory and record.time and record.history and record.primary_metric  # an ok record
+    return StageResult(
+        index=index,
+        name=stage.name,
+        task=str(record.task),
+        primary_metric=record.primary_metric,
+        metrics=record.metrics,
+        steps=int(record.steps or 0),
+        max_steps=record.config["trainer"]["max_steps"],
+        lr=record.config["optim"]["lr"],
+        train_tokens=int(record.train_tokens or 0),
+        time=record.time,
+        peak_train_bytes=record.memory.peak_train_bytes,
+        history=record.history,
+        data=record.data or {},
+        run_dir=str(record.run_dir),
+        resumed_from=record.resumed_from,
+    )
+
+
+def _state(run_id: str, plan: list[Any], done: Sequence[StageResult], trainable: Sequence[list[str]]) -> Any:
+    """`stages.json`: the plan and the stages finished so far, each with the parameters that trained."""
+    entries = [{**to_plain(d), "trainable": t} for d, t in zip(done, trainable, strict=True)]
+    return {"run_id": run_id, "plan": plan, "done": entries}
 
 
 def run_stages(
     cfg: DictConfig, run_id: str | None = None, run_dir: Path | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[Record, dict[str, Any]]:
     """Train every stage in turn, re-test the earlier stages' tasks, report forgetting: `(record, objects)`.
     ConfigError on bad input before any training. `run_dir`: default, Hydra's output directory."""
+    from peftbench.files import atomic_write_json
     from peftbench.methods.io import save_adapter
-    from peftbench.records import atomic_write_json, redact, write_record
+    from peftbench.record import read_record, write_record
+    from peftbench.redaction import redact
     from peftbench.resume import config_fingerprint, resume_for
     from peftbench.train import train
     from peftbench.validation import validate_config
@@ -299,12 +310,13 @@ def run_stages(
     state_path = run_dir / STATE_FILE
     state = _load_state(state_path, plan, cfg.get("resume", "auto"))
     run_id = (state or {}).get("run_id") or run_id or new_run_id(cfg)
-    done: list[dict[str, Any]] = list(state["done"]) if state else []
+    done = [from_plain(StageResult, d) for d in state["done"]] if state else []
+    trainable = [list(d["trainable"]) for d in state["done"]] if state else []
     base = _start(configs[0], checked[0][0], state, run_dir)
     if done:
-        log.info("resuming a stages run: %s finished", ", ".join(d["name"] for d in done))
+        log.info("resuming a stages run: %s finished", ", ".join(d.name for d in done))
     tasks = [task for _, task in checked]
-    last_record: dict[str, Any] = {}
+    last_record: Record | None = None
     where = run_dir
     for index, (stage, config) in enumerate(zip(stages, configs, strict=True)):
         where = stage_dir(run_dir, index, stage.name)
@@ -325,26 +337,21 @@ def run_stages(
             untuned=index == 0,  # a later stage starts from the adapter the stage before left
         ).record
         write_record(record, where, None)
-        trainable = [n for n, p in base.model.named_parameters() if p.requires_grad]
-        done.append({**_summary(record, stage, index + 1), "trainable": trainable})
-        atomic_write_json(state_path, {"run_id": run_id, "plan": plan, "done": done})
+        done.append(_summary(record, stage, index + 1))
+        trainable.append([n for n, p in base.model.named_parameters() if p.requires_grad])
+        atomic_write_json(state_path, _state(run_id, plan, done, trainable))
         last_record = record
-    if not last_record:  # every stage had finished: the last stage's record, as written
-        last_record = json.loads((where / "record.json").read_text())
+    if last_record is None:  # every stage had finished: the last stage's record, as written
+        last_record = read_record(where / "record.json")
 
-    forgetting: dict[str, Any] = {}
+    forgetting: dict[str, Forgetting] = {}
     for index in range(len(stages) - 1):  # every earlier stage's task, on the model after the last stage
         after = evaluate(configs[index], base.model, base.method, tasks[index], run_dir / STAGES_DIR)
         entry = done[index]
-        entry["metrics_after_last"] = after
-        key = entry["primary_metric"]
-        own, now = entry["metrics"][key], after[key]
-        forgetting[entry["name"]] = {
-            "metric": key,
-            "after_own_stage": own,
-            "after_last_stage": now,
-            "change": now - own,
-        }
+        entry.metrics_after_last = after
+        key = entry.primary_metric
+        own, now = entry.metrics[key], after[key]
+        forgetting[entry.name] = Forgetting(key, after_own_stage=own, after_last_stage=now, change=now - own)
     if cfg.save_adapter:
         save_adapter(base.model, base.method, run_dir / "adapter")
     if not cfg.checkpoint.get("keep_on_success", True):
@@ -353,70 +360,46 @@ def run_stages(
         for index, stage in enumerate(stages):
             shutil.rmtree(stage_dir(run_dir, index, stage.name) / CHECKPOINT_DIR, ignore_errors=True)
 
-    summaries = [{k: v for k, v in d.items() if k != "trainable"} for d in done]
-    steps = sum(d["steps"] for d in done)
-    train_s = sum(d["time"]["train_step_s"] * len(d["history"]["train_loss"]) for d in done)
-    record = {
-        **last_record,
-        "run_id": run_id,
-        "task": "->".join(d["task"] for d in done),
-        "stages": summaries,
-        "forgetting": forgetting,
-        "steps": steps,
-        "train_tokens": sum(d["train_tokens"] for d in done),
-        "tokens_per_s": sum(d["train_tokens"] for d in done) / train_s if train_s else None,
-        "memory": {**last_record["memory"], "peak_train_bytes": max(d["peak_train_bytes"] for d in done)},
-        "time": {
-            **last_record["time"],
-            "train_step_s": train_s / max(1, sum(len(d["history"]["train_loss"]) for d in done)),
-            "total_s": time.perf_counter() - started,
-        },
-        "history": _joined_history(done),
-        "data": {d["name"]: d["data"] for d in done},
-        "checkpoints": None,
-        "resumed_from": {"stages_done": len(state["done"])} if state else None,
-        "config": redact(OmegaConf.to_container(cfg, resolve=True)),
-        "run_dir": str(run_dir),
-    }
+    steps = sum(d.steps for d in done)
+    train_s = sum((d.time.train_step_s or 0.0) * len(d.history.train_loss) for d in done)
+    assert last_record.memory and last_record.time  # an ok record
+    record = dataclasses.replace(
+        last_record,
+        run_id=run_id,
+        task="->".join(d.task for d in done),
+        stages=done,
+        forgetting=forgetting,
+        steps=steps,
+        train_tokens=sum(d.train_tokens for d in done),
+        tokens_per_s=sum(d.train_tokens for d in done) / train_s if train_s else None,
+        memory=dataclasses.replace(
+            last_record.memory, peak_train_bytes=max(d.peak_train_bytes or 0 for d in done)
+        ),
+        time=dataclasses.replace(
+            last_record.time,
+            train_step_s=train_s / max(1, sum(len(d.history.train_loss) for d in done)),
+            total_s=time.perf_counter() - started,
+        ),
+        history=_joined_history(done),
+        data={d.name: d.data for d in done},
+        checkpoints=None,
+        resumed_from={"stages_done": len(state["done"])} if state else None,
+        config=redact(OmegaConf.to_container(cfg, resolve=True)),
+        run_dir=str(run_dir),
+    )
     objects = {"model": base.model, "method": base.method, "tasks": tasks, "stages": stages}
     return record, objects
 
 
-def _joined_history(done: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+def _joined_history(done: Sequence[StageResult]) -> History:
     """The stages' training losses and validations on one step axis (each stage's steps after the last's)."""
-    losses: list[tuple[int, float]] = []
+    losses: list[Any] = []
     vals: list[dict[str, Any]] = []
     offset = 0
     for entry in done:
-        losses += [(offset + int(s), float(v)) for s, v in entry["history"]["train_loss"]]
+        losses += [(offset + int(s), float(v)) for s, v in entry.history.train_loss]
         vals += [
-            {**h, "step": offset + int(h.get("step", 0)), "stage": entry["name"]}
-            for h in entry["history"]["val"]
+            {**h, "step": offset + int(h.get("step", 0)), "stage": entry.name} for h in entry.history.val
         ]
-        offset += int(entry["steps"])
-    return {"train_loss": losses, "val": vals}
-
-
-def print_stages(record: dict[str, Any], console: Any = None) -> None:
-    """The per-stage table below a run's summary: each stage's score, and what later stages did to it."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title="stages: forgetting = after the last stage - after its own stage")
-    for column in ("stage (task)", "steps", "metric", "before", "after", "after last", "change"):
-        table.add_column(column, justify="left" if column in ("stage (task)", "metric") else "right")
-    for stage in record["stages"]:
-        key = stage["primary_metric"]
-        before = stage["metrics"].get(key.replace("test/", "test_before/"))
-        gone = record["forgetting"].get(stage["name"])
-        table.add_row(
-            f"{stage['name']} ({stage['task']})",
-            str(stage["steps"]),
-            key.removeprefix("test/"),
-            "-" if before is None else f"{before:.2f}",
-            f"{stage['metrics'].get(key, float('nan')):.2f}",
-            "-" if gone is None else f"{gone['after_last_stage']:.2f}",
-            "-" if gone is None else f"{gone['change']:+.2f}",
-        )
-    console.print(table)
+        offset += int(entry.steps)
+    return History(train_loss=losses, val=vals)

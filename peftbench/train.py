@@ -5,6 +5,7 @@ builds the model: `train(cfg, built, run_dir)` takes both as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from peftbench.build import Built
+from peftbench.record import History, Memory, Params, Record, Timings
 from peftbench.resume import Resume, check_adapter, validate_if_missed
 
 
@@ -21,7 +23,7 @@ from peftbench.resume import Resume, check_adapter, validate_if_missed
 class Trained:
     """A trained run: its record, and the Lightning trainer and module that trained it."""
 
-    record: dict[str, Any]
+    record: Record
     trainer: Any
     module: Any
 
@@ -61,12 +63,11 @@ def train(
     from peftbench.interrupts import stop_as_interrupt
     from peftbench.loggers import build_logger
     from peftbench.methods.io import save_adapter
-    from peftbench.models.params import count_parameters
+    from peftbench.models.params import count_parameters, parameter_report
     from peftbench.module import PeftModule
     from peftbench.padding import PaddingStats
     from peftbench.progress import build_callbacks
-    from peftbench.records import redact
-    from peftbench.summary import parameter_report
+    from peftbench.redaction import redact
     from peftbench.tasks.sampler import group_by_length, own_generator, resumable_train_loader
     from peftbench.untuned import untuned_metrics
 
@@ -108,7 +109,7 @@ def train(
         default_root_dir=str(run_dir),
     )
     metrics: dict[str, float] = {}
-    timings: dict[str, float] = {}
+    timings = Timings()
     if cfg.evaluate_before:
         t0 = time.perf_counter()
 
@@ -121,8 +122,8 @@ def train(
         else:  # a later stage starts from the adapter of the stage before, not from the untuned model
             before, reused = evaluate_untuned(), False
         metrics |= before
-        timings["eval_before_s"] = time.perf_counter() - t0
-        timings["eval_before_reused"] = reused
+        timings.eval_before_s = time.perf_counter() - t0
+        timings.eval_before_reused = reused
     t0 = time.perf_counter()
     with stop_as_interrupt(trainer, checkpointing.dirpath / LAST if checkpointing.dirpath else None):
         trainer.fit(
@@ -132,11 +133,11 @@ def train(
             ckpt_path=str(resume.path) if resume else None,
             weights_only=True,
         )
-    timings["fit_s"] = time.perf_counter() - t0
+    timings.fit_s = time.perf_counter() - t0
     validate_if_missed(cfg, resume, trainer, module, val_loader)
     t0 = time.perf_counter()
     after = trainer.test(module, dataloaders=test_loader, verbose=False)[0]
-    timings["test_s"] = time.perf_counter() - t0
+    timings.test_s = time.perf_counter() - t0
     metrics |= {k: float(v) for k, v in after.items()}
     if module.val_history:
         metrics |= {k: float(v) for k, v in module.val_history[-1].items() if k.startswith("val/")}
@@ -147,42 +148,44 @@ def train(
         adapter_bytes = adapter_path.stat().st_size
         # the same adapter in HF PEFT's format, where the method has one (peftbench/export.py)
         peft_adapter = export_after_training(model, method, adapter_path.parent)
-    timings["train_step_s"] = module.train_seconds / max(1, len(module.loss_history))
-    timings["total_s"] = time.perf_counter() - started
-    record = {
-        "run_id": run_id,
-        "status": "ok",
-        "study": cfg.study,
-        "method": method.name,
-        "model": cfg.model.name,
-        "task": cfg.task.name,
-        "seed": cfg.seed,
-        "seeds": seeds(cfg, method),
-        "primary_metric": f"test/{task.primary_metric}",
-        "metrics": metrics,
-        "params": {**params, "adapter_bytes": adapter_bytes, "peft_adapter": peft_adapter},
-        "memory": {"peak_train_bytes": module.peak_train_bytes, "device": str(module.device)},
-        "time": timings,
-        "tokens_per_s": module.train_tokens / module.train_seconds if module.train_seconds else None,
-        "steps": trainer.global_step,
-        "train_tokens": module.train_tokens,
-        "padding": {**padding.summary(), "group_by_length": bool(cfg.task.get("group_by_length", False))},
-        "history": {"train_loss": module.loss_history, "val": module.val_history},
-        "data": task.split_sizes(),
-        "method_config": method.describe(),
-        "world_size": trainer.world_size,
-        "resumed_from": resume.summary() if resume else None,
-        "checkpoints": str(checkpointing.dirpath) if checkpointing.dirpath else None,
-        "config": flat_config,
-        "run_dir": str(run_dir),
-    }
+    timings.train_step_s = module.train_seconds / max(1, len(module.loss_history))
+    timings.total_s = time.perf_counter() - started
+    record = Record(
+        run_id=run_id,
+        status="ok",
+        study=cfg.study,
+        method=method.name,
+        model=cfg.model.name,
+        task=cfg.task.name,
+        seed=cfg.seed,
+        seeds=seeds(cfg, method),
+        primary_metric=f"test/{task.primary_metric}",
+        metrics=metrics,
+        params=Params(**params, adapter_bytes=adapter_bytes, peft_adapter=peft_adapter),
+        memory=Memory(
+            peak_train_bytes=module.peak_train_bytes,
+            device=str(module.device),
+            device_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        ),
+        time=timings,
+        tokens_per_s=module.train_tokens / module.train_seconds if module.train_seconds else None,
+        steps=trainer.global_step,
+        train_tokens=module.train_tokens,
+        padding={**padding.summary(), "group_by_length": bool(cfg.task.get("group_by_length", False))},
+        history=History(train_loss=module.loss_history, val=module.val_history),
+        data=task.split_sizes(),
+        method_config=method.describe(),
+        world_size=trainer.world_size,
+        resumed_from=resume.summary() if resume else None,
+        checkpoints=str(checkpointing.dirpath) if checkpointing.dirpath else None,
+        config=flat_config,
+        run_dir=str(run_dir),
+    )
     if logger and trainer.is_global_zero:
-        logger.log_hyperparams({"params": record["params"]})
+        logger.log_hyperparams({"params": dataclasses.asdict(record.params)})
         logger.experiment.summary.update({k: v for k, v in metrics.items()})
         logger.finalize("success")
         import wandb
 
         wandb.finish()
-    if torch.cuda.is_available():
-        record["memory"]["device_name"] = torch.cuda.get_device_name(0)
     return Trained(record, trainer, module)

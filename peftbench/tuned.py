@@ -29,18 +29,23 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from peftbench.errors import ConfigError, bad_value
+from peftbench.record import Record
 
 log = logging.getLogger(__name__)
 TUNED_FILE = "tuned.yaml"
 
 
 # ----- what a trial returns to the sweeper ---------------------------------------------------------------
-def objective(record: dict[str, Any]) -> float | None:
+def objective(record: Record | dict[str, Any]) -> float | None:
     """The value a sweeper optimises: the run's last validation score on the task's primary metric
     (`val/<metric>`, higher is better for every task). None when there is none or it is not finite: the
     Optuna sweeper then records the trial as failed and the study goes on (a NaN would stop it)."""
-    key = str(record.get("primary_metric", "")).replace("test/", "val/", 1)
-    value = (record.get("metrics") or {}).get(key)
+    if isinstance(record, Record):
+        primary, metrics = record.primary_metric, record.metrics
+    else:  # the fields a trial's result holds, as plain JSON
+        primary, metrics = record.get("primary_metric"), record.get("metrics")
+    key = str(primary or "").replace("test/", "val/", 1)
+    value = (metrics or {}).get(key)
     if not isinstance(value, int | float) or not math.isfinite(value):
         log.warning(
             "no finite %s in the record (validation ran? trainer.val_check_interval): no objective", key

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from peftbench.records import atomic_write_json
+from peftbench.files import atomic_write_json
 
 
 def untuned_key(cfg: DictConfig, method: Any) -> str:

@@ -24,7 +24,7 @@ def main(out: Path, overrides: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / f"rank{rank}.safetensors"))
     if rank == 0:
-        (out / "record.json").write_text(json.dumps(record, default=str))
+        (out / "record.json").write_text(json.dumps(record.to_dict(), default=str))
 
 
 if __name__ == "__main__":

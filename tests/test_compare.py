@@ -29,7 +29,7 @@ SPEC: dict[str, tuple[list[float], int, int, float]] = {
 def make_record(
     method: str, seed: int, score: float, trainable: int, peak: int, step_s: float
 ) -> dict[str, Any]:
-    """A record shaped like `peftbench.run.train_and_record`'s (the fields the report reads)."""
+    """A record shaped like `peftbench.train.train`'s (the fields the report reads)."""
     steps = 10
     losses = [[s, 3.0 - 0.1 * s * (1 + score) + 0.02 * seed] for s in range(1, steps + 1)]
     return {

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from peftbench.records import RedactSecrets, redact, secret_values, write_record
+from peftbench.record import write_record
+from peftbench.redaction import RedactSecrets, redact, secret_values
 from tests.helpers import run_env, run_module
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -67,7 +67,7 @@ def _run(cfg: DictConfig, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tup
         patch.chdir(run_dir)  # outside Hydra the run directory is the working directory
         patch.setattr(PeftModule, "on_train_start", snapshot)
         record, objects = run_stages(cfg, "test-stages")
-    return record, objects, starts
+    return record.to_dict(), objects, starts  # the record as written (its JSON form)
 
 
 def _accuracy(model: Any, task: Any) -> float:

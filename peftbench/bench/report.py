@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from peftbench.records import atomic_write_json
+from peftbench.files import atomic_write_json
 
 GIB = 1024**3
 MIB = 1024**2
@@ -61,7 +61,7 @@ def git_dirty() -> bool | None:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU / GPU, cores, threads, versions, git commit, and the load average when the run started."""
-    from peftbench.records import git_commit, versions
+    from peftbench.environment import git_commit, versions
 
     return {
         "host": socket.gethostname(),

@@ -18,7 +18,8 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from peftbench.compare.table import COSTS, MethodRow, StudySummary
+from peftbench.compare.table import COSTS, MethodRow, StudySummary, as_records
+from peftbench.record import Record
 
 PLOTS = ("learning_curves", "pareto_trainable", "pareto_peak_memory_bytes", "pareto_step_s")
 
@@ -40,16 +41,16 @@ def _smooth(ys: list[float], window: int) -> list[float]:
 
 
 def curve_bands(
-    records: list[dict[str, Any]],
+    records: list[Record] | list[dict[str, Any]],
 ) -> dict[str, tuple[list[int], list[float], list[float], list[float]]]:
     """Per method: steps and the mean, min and max of the train loss over its ok seeds at each step."""
     per_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        if r.get("status") != "ok":
+    for r in as_records(records):
+        if not r.ok:
             continue
-        for step, loss in (r.get("history") or {}).get("train_loss") or []:
+        for step, loss in r.history.train_loss if r.history else []:
             if loss is not None and math.isfinite(loss):
-                per_method[str(r["method"])][int(step)].append(float(loss))
+                per_method[str(r.method)][int(step)].append(float(loss))
     out = {}
     for method, by_step in per_method.items():
         steps = sorted(by_step)
@@ -58,11 +59,12 @@ def curve_bands(
     return out
 
 
-def learning_curves_figure(records: list[dict[str, Any]], title: str = "") -> Figure:
+def learning_curves_figure(records: list[Record] | list[dict[str, Any]], title: str = "") -> Figure:
     """Mean train loss over seeds per method, with a min-max band across seeds (lightly smoothed when
     there are many steps)."""
+    records = as_records(records)
     bands = curve_bands(records)
-    colors = _colors(sorted({str(r.get("method")) for r in records}))  # same colors as the Pareto plots
+    colors = _colors(sorted({str(r.method) for r in records}))  # same colors as the Pareto plots
     fig = Figure(figsize=(6.4, 4.5), layout="constrained")
     ax = fig.add_subplot()
     longest = max((len(b[0]) for b in bands.values()), default=0)
@@ -155,7 +157,7 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
     return paths
 
 
-def write_plots(records: list[dict[str, Any]], summary: StudySummary, out_dir: Path) -> dict[str, Path]:
+def write_plots(records: list[Record], summary: StudySummary, out_dir: Path) -> dict[str, Path]:
     """Write every plot under `out_dir`; returns name -> PNG path (SVGs lie beside them)."""
     figures = {"learning_curves": learning_curves_figure(records, _curve_title(summary))}
     for cost in COSTS:

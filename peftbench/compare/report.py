@@ -14,7 +14,8 @@ from peftbench.budget import budget_statement
 from peftbench.compare.plots import write_plots
 from peftbench.compare.stats import Estimate, PairedTest
 from peftbench.compare.table import StudySummary
-from peftbench.records import atomic_write_json
+from peftbench.files import atomic_write_json
+from peftbench.record import Record
 
 FRONT_NAMES = {"trainable": "params", "peak_memory_bytes": "memory", "step_s": "time"}
 _FRONT = "mean ± 95% CI; round markers, bold labels and the dashed line: the Pareto front."
@@ -280,7 +281,7 @@ def render_html(s: StudySummary, plots: dict[str, Path]) -> str:
     )
 
 
-def write_report(records: list[dict[str, Any]], summary: StudySummary, out_dir: Path) -> dict[str, Path]:
+def write_report(records: list[Record], summary: StudySummary, out_dir: Path) -> dict[str, Path]:
     """Write plots/*.png|svg, report.md, report.html and summary.json under `out_dir` (each atomically)."""
     out_dir = Path(out_dir)
     plots = write_plots(records, summary, out_dir / "plots")

@@ -11,7 +11,7 @@ from typing import Any
 from peftbench.budget import param_budget
 from peftbench.compare.stats import Estimate, PairedTest, mean_ci, paired_test, pareto_front
 from peftbench.errors import ConfigError, bad_value
-from peftbench.records import read_records
+from peftbench.record import Record, load_record, read_records
 
 DEFAULT_BASELINE = "lora"
 # Cost axes of the Pareto fronts: (key in MethodRow, axis label).
@@ -81,34 +81,40 @@ def higher_is_better(metric: str) -> bool:
     return not any(word in metric for word in ("loss", "perplexity", "error"))
 
 
-def load_records(directory: Path | str) -> list[dict[str, Any]]:
+def load_records(directory: Path | str) -> list[Record]:
     """The records of one study under `directory`, deduplicated by run_id; ConfigError on bad input."""
     directory = Path(directory)
     if not directory.is_dir():
         raise bad_value("dir", str(directory), "an existing results or study directory")
-    unique = {r["run_id"]: r for r in read_records(directory)}
+    unique = {r.run_id: r for r in read_records(directory)}
     if not unique:
         raise bad_value("dir", str(directory), "a directory holding run records (<run_id>.json)")
-    studies = sorted({str(r.get("study")) for r in unique.values()})
+    studies = sorted({str(r.study) for r in unique.values()})
     if len(studies) > 1:
         raise bad_value("dir", str(directory), "one study's directory; it holds " + ", ".join(studies))
-    return sorted(unique.values(), key=lambda r: (str(r.get("method")), r.get("seed") or 0, r["run_id"]))
+    return sorted(unique.values(), key=lambda r: (str(r.method), r.seed or 0, r.run_id))
 
 
-def metrics_of(records: list[dict[str, Any]]) -> list[str]:
-    return sorted({k for r in records if r.get("status") == "ok" for k in r.get("metrics", {})})
+def as_records(records: list[Record] | list[dict[str, Any]]) -> list[Record]:
+    """Records as read (`Record`), or their JSON form (dicts, any readable version), as `Record`s."""
+    return [r if isinstance(r, Record) else load_record(r) for r in records]
 
 
-def methods_of(records: list[dict[str, Any]]) -> list[str]:
-    return sorted({str(r["method"]) for r in records if r.get("status") == "ok"})
+def metrics_of(records: list[Record]) -> list[str]:
+    return sorted({k for r in records if r.ok for k in r.metrics})
 
 
-def _get(record: dict[str, Any], *path: str) -> Any:
+def methods_of(records: list[Record]) -> list[str]:
+    return sorted({str(r.method) for r in records if r.ok})
+
+
+def _get(value: Any, *path: str) -> Any:
+    """`value.a.b` (attributes of a record's parts, keys of its dicts), None where a step is missing."""
     for key in path:
-        if not isinstance(record, dict):
+        if value is None:
             return None
-        record = record.get(key)  # type: ignore[assignment]
-    return record
+        value = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    return value
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -116,18 +122,18 @@ def _mean(values: list[Any]) -> float | None:
     return math.fsum(xs) / len(xs) if xs else None
 
 
-def _latest_per_seed(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+def _latest_per_seed(records: list[Record]) -> dict[int, Record]:
     """One ok record per seed: a re-run of the same seed replaces the earlier one (later run_dir wins)."""
-    by_seed: dict[int, dict[str, Any]] = {}
-    for r in sorted(records, key=lambda r: str(r.get("run_dir", ""))):
-        by_seed[int(r["seed"])] = r
+    by_seed: dict[int, Record] = {}
+    for r in sorted(records, key=lambda r: str(r.run_dir or "")):
+        by_seed[int(r.seed or 0)] = r
     return by_seed
 
 
-def _row(method: str, ok: dict[int, dict[str, Any]], failed: list[int], metric: str) -> MethodRow:
+def _row(method: str, ok: dict[int, Record], failed: list[int], metric: str) -> MethodRow:
     recs = list(ok.values())
-    test_keys = sorted({k for r in recs for k in r["metrics"] if k.startswith("test/")} | {metric})
-    metrics = {k: e for k in test_keys if (e := mean_ci([r["metrics"].get(k) for r in recs]))}
+    test_keys = sorted({k for r in recs for k in r.metrics if k.startswith("test/")} | {metric})
+    metrics = {k: e for k in test_keys if (e := mean_ci([r.metrics.get(k) for r in recs]))}
     before_key = metric.replace("test/", "test_before/", 1)
     modified = {_get(r, "params", "base_modified") for r in recs} - {None}
     return MethodRow(
@@ -137,19 +143,19 @@ def _row(method: str, ok: dict[int, dict[str, Any]], failed: list[int], metric: 
         score=metrics.get(metric),
         delta=None,
         metrics=metrics,
-        before=mean_ci([r["metrics"].get(before_key) for r in recs]) if before_key != metric else None,
+        before=mean_ci([r.metrics.get(before_key) for r in recs]) if before_key != metric else None,
         trainable=_mean([_get(r, "params", "trainable") for r in recs]),
         trainable_percent=_mean([_get(r, "params", "trainable_percent") for r in recs]),
         adapter_bytes=_mean([_get(r, "params", "adapter_bytes") for r in recs]),
         base_modified=any(modified) if modified else None,
         peak_memory_bytes=_mean([_get(r, "memory", "peak_train_bytes") for r in recs]),
         step_s=_mean([_get(r, "time", "train_step_s") for r in recs]),
-        tokens_per_s=_mean([r.get("tokens_per_s") for r in recs]),
+        tokens_per_s=_mean([r.tokens_per_s for r in recs]),
         total_s=_mean([_get(r, "time", "total_s") for r in recs]),
-        steps=_mean([r.get("steps") for r in recs]),
-        train_tokens=_mean([r.get("train_tokens") for r in recs]),
+        steps=_mean([r.steps for r in recs]),
+        train_tokens=_mean([r.train_tokens for r in recs]),
         lr=_mean([_get(r, "config", "optim", "lr") for r in recs]),
-        method_config=dict(recs[0].get("method_config") or {}) if recs else {},
+        method_config=dict(recs[0].method_config or {}) if recs else {},
     )
 
 
@@ -157,9 +163,9 @@ def _distinct(values: list[Any]) -> list[Any]:
     return sorted({v for v in values if v is not None}, key=str)
 
 
-def budget(records: list[dict[str, Any]]) -> dict[str, Any]:
+def budget(records: list[Record]) -> dict[str, Any]:
     """The training budget every ok run was given, from the resolved configs (lists when they differ)."""
-    ok = [r for r in records if r.get("status") == "ok"]
+    ok = [r for r in records if r.ok]
     spec = {
         "max_steps": ("config", "trainer", "max_steps"),
         "max_epochs": ("config", "trainer", "max_epochs"),
@@ -175,15 +181,15 @@ def budget(records: list[dict[str, Any]]) -> dict[str, Any]:
         values = _distinct([_get(r, *path) for r in ok])
         out[name] = values[0] if len(values) == 1 else values or None
     out["equal"] = all(not isinstance(out[k], list) for k in ("max_steps", "batch_size", "steps_taken"))
-    out["models"] = _distinct([r.get("model") for r in records])
-    out["tasks"] = _distinct([r.get("task") for r in records])
+    out["models"] = _distinct([r.model for r in records])
+    out["tasks"] = _distinct([r.task for r in records])
     out["trainable_params"] = param_budget(ok)  # target and each method's chosen size (peftbench/budget.py)
     return out
 
 
-def environment(records: list[dict[str, Any]]) -> dict[str, Any]:
+def environment(records: list[Record]) -> dict[str, Any]:
     """Devices, hosts, commits and package versions of the runs (each value joined when they differ)."""
-    ok = [r for r in records if r.get("status") == "ok"] or records
+    ok = [r for r in records if r.ok] or records
     devices = _distinct([_get(r, "memory", "device_name") or _get(r, "env", "device") for r in ok])
     versions: dict[str, list[Any]] = defaultdict(list)
     for r in ok:
@@ -198,15 +204,16 @@ def environment(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(
-    records: list[dict[str, Any]], metric: str | None = None, baseline: str | None = None
+    records: list[Record] | list[dict[str, Any]], metric: str | None = None, baseline: str | None = None
 ) -> StudySummary:
     """Aggregate one study's records. `metric` defaults to the records' primary metric, `baseline` to
     lora when present. ConfigError (naming the accepted values) for an unknown metric or baseline."""
-    ok = [r for r in records if r.get("status") == "ok"]
+    records = as_records(records)
+    ok = [r for r in records if r.ok]
     methods, metrics = methods_of(records), metrics_of(records)
     if not ok:
         raise bad_value("dir", "(all runs failed)", "a study with at least one successful run")
-    metric = metric or max({r["primary_metric"] for r in ok}, key=[r["primary_metric"] for r in ok].count)
+    metric = metric or max({str(r.primary_metric) for r in ok}, key=[r.primary_metric for r in ok].count)
     if metric not in metrics:
         raise bad_value("metric", metric, metrics)
     if baseline is not None and baseline not in methods:
@@ -214,11 +221,11 @@ def summarize(
     baseline = baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in methods else None)
     failed_seeds: dict[str, list[int]] = defaultdict(list)
     for r in records:
-        if r.get("status") != "ok":
-            failed_seeds[str(r.get("method"))].append(r.get("seed"))
+        if not r.ok:
+            failed_seeds[str(r.method)].append(r.seed)  # type: ignore[arg-type]
     rows = []
     for method in sorted(set(methods) | set(failed_seeds)):
-        by_seed = _latest_per_seed([r for r in ok if r["method"] == method])
+        by_seed = _latest_per_seed([r for r in ok if r.method == method])
         rows.append(_row(method, by_seed, failed_seeds.get(method, []), metric))
     _add_deltas(rows, baseline, metric, ok)
     up = higher_is_better(metric)
@@ -229,21 +236,21 @@ def summarize(
     sign = -1.0 if up else 1.0
     rows.sort(key=lambda r: (r.score is None, sign * r.score.mean if r.score else 0.0, r.method))
     failed = [
-        {k: r.get(k) for k in ("method", "seed", "run_id", "error")}
+        {"method": r.method, "seed": r.seed, "run_id": r.run_id, "error": r.error}
         for r in records
-        if r.get("status") != "ok"
+        if not r.ok
     ]
-    study = str(records[0].get("study"))
+    study = str(records[0].study)
     return StudySummary(study, metric, up, baseline, rows, failed, budget(records), environment(records))
 
 
-def _add_deltas(rows: list[MethodRow], baseline: str | None, metric: str, ok: list[dict[str, Any]]) -> None:
+def _add_deltas(rows: list[MethodRow], baseline: str | None, metric: str, ok: list[Record]) -> None:
     if baseline is None:
         return
 
     def scores(method: str) -> dict[int, float]:
-        by_seed = _latest_per_seed([r for r in ok if r["method"] == method])
-        return {s: float(r["metrics"][metric]) for s, r in by_seed.items() if metric in r["metrics"]}
+        by_seed = _latest_per_seed([r for r in ok if r.method == method])
+        return {s: float(r.metrics[metric]) for s, r in by_seed.items() if metric in r.metrics}
 
     base = scores(baseline)
     for row in rows:
@@ -253,7 +260,7 @@ def _add_deltas(rows: list[MethodRow], baseline: str | None, metric: str, ok: li
 
 def load_study(
     directory: Path | str, metric: str | None = None, baseline: str | None = None
-) -> tuple[list[dict[str, Any]], StudySummary]:
+) -> tuple[list[Record], StudySummary]:
     """Read a study directory and aggregate it: `(records, summary)`."""
     records = load_records(directory)
     return records, summarize(records, metric, baseline)

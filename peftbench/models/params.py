@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -63,3 +64,17 @@ def _quant_tensors(quant_state: object) -> Iterator[torch.Tensor]:
         if isinstance(value, torch.Tensor):
             yield value
     yield from _quant_tensors(getattr(quant_state, "state2", None))
+
+
+def parameter_report(model: torch.nn.Module, base_total: int | None = None) -> dict[str, Any]:
+    """True counts (4-bit packed weights unpacked): total, trainable (carry optimizer state), weight bytes;
+    `trainable_percent` of `base_total` (the model before the method was applied; default: its total)."""
+    total = count_parameters(model)
+    trainable = count_parameters(model, trainable_only=True)
+    reference = base_total or total
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_percent": 100.0 * trainable / reference,
+        "weight_bytes": parameter_bytes(model),
+    }
