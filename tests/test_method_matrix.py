@@ -31,9 +31,9 @@ def lora_count(r: int) -> Callable[[nn.Module], int]:
 
 
 def prefix_count(model: nn.Module, p: int, hidden: int) -> int:
-    c = model.config
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    return p * c.hidden_size + (c.hidden_size + 1) * hidden + (hidden + 1) * kv
+    """P' (p x d_kv) + MLP d_kv -> hidden -> 2 L d_kv; d_kv = key/value heads x head size (as PEFT)."""
+    d_kv = kv_width(model)
+    return p * d_kv + (d_kv + 1) * hidden + (hidden + 1) * 2 * model.config.num_hidden_layers * d_kv
 
 
 def kv_width(model: nn.Module) -> int:
@@ -70,7 +70,7 @@ ROWS: dict[str, Row] = {
     "vera": Row(lambda model: sum(m.out_features + 8 for m in _linears(model)), {"r": 8}),
     "delta_lora": Row(lora_count(4), {"r": 4, "warmup_steps": 0}),
     "lora_plus": Row(lora_count(4), {"r": 4}),
-    # soft prompt: p x d input embeddings; prefix: P' (p x d) and the MLP d -> h -> 2 L d_kv (biased Linears)
+    # soft prompt: p x d input embeddings; prefix: P' (p x d_kv) and the MLP d_kv -> h -> 2 L d_kv
     "prompt_tuning": Row(lambda model: 4 * model.config.hidden_size, {"num_virtual_tokens": 4}),
     "prefix_tuning": Row(
         lambda model: prefix_count(model, p=4, hidden=16),

@@ -38,6 +38,7 @@ def build_ours(method_template: Any, base: nn.Module, settings: Settings) -> Tra
     groups = method.param_groups(model, lr=settings.lr, weight_decay=settings.weight_decay)
     check_groups_cover(groups, model)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
+    method.on_optimizer_built(model, optimizer)  # e.g. LoRA-FA's preconditioning, as in a run
     method.plan_training(settings.total_steps)
 
     def loss(batch: Batch) -> torch.Tensor:
