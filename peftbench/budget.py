@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from peftbench.errors import ConfigError, bad_value
+from peftbench.errors import ConfigError, bad_value, check_int
 
 if TYPE_CHECKING:
     from peftbench.record import Record
@@ -185,9 +185,7 @@ def budget_target(cfg: DictConfig) -> int | None:
     target = budget.get("trainable_params") if budget is not None else None
     if target is None:
         return None
-    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-        raise bad_value("budget.trainable_params", target, "an integer >= 1 (e.g. 1_000_000), or null")
-    return target
+    return check_int("budget.trainable_params", target, accepted="an integer >= 1 (e.g. 1_000_000), or null")
 
 
 def apply_budget(cfg: DictConfig) -> Fit | None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from peftbench.budget import apply_budget
-from peftbench.tuned import apply_tuned
+from peftbench.lr_search import apply_tuned
 from peftbench.validation import validate_config
 
 
@@ -49,7 +49,7 @@ def new_run_id(cfg: DictConfig) -> str:
 
 def prepare(cfg: DictConfig) -> tuple[Any, Any]:
     """The config rewritten, once, before anything is built: this method's tuned values (`tuned=`,
-    peftbench/tuned.py) and its size fitted to `budget.trainable_params` (peftbench/budget.py); then every
+    peftbench/lr_search.py) and its size fitted to `budget.trainable_params` (peftbench/budget.py); then every
     check that needs neither model nor data. Returns the `(method, task)` the config describes."""
     apply_tuned(cfg)
     apply_budget(cfg)
@@ -100,7 +100,7 @@ def attach_task(cfg: DictConfig, base: Built, task: Any) -> Built:
 
 
 def _ready(cfg: DictConfig, built: Built) -> Built:
-    from peftbench.tasks.common import check_enough_training_data
+    from peftbench.tasks.checks import check_enough_training_data
     from peftbench.validation import processes
 
     task = built.task

@@ -6,7 +6,7 @@ The directory holds ``adapter_config.json`` (a PEFT config: LORA, VERA, ...) and
 (PEFT's key names), both from the method's `peft_export` (peftbench/methods/base.py). A run writes it itself
 into ``<run dir>/adapter/peft/`` when its method has a PEFT form; this command does it for runs that already
 exist (default --out: ``<adapter dir>/peft``), rebuilding the run's base and loading its adapter first
-(`peftbench.rundir`). Loading it back:
+(`peftbench.saved_run`). Loading it back:
 
     from peft import PeftModel
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), "<dir>")
@@ -39,12 +39,9 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_SUBDIR = "peft"
 
 
-def exports_to_peft(cls: type) -> bool:
-    """Whether a method class has a PEFT form: it defines `peft_export`; a method that changes the base
-    weights (`modifies_base`) only if it defines its own (an inherited adapter export would leave out the
-    changed base, e.g. Delta-LoRA's, which `LoRA.peft_export` declines)."""
-    owner = next(c for c in cls.__mro__ if "peft_export" in c.__dict__)
-    return owner is not PeftMethod and (not cls.modifies_base or owner is cls)
+def exports_to_peft(cls: type[PeftMethod]) -> bool:
+    """Whether a method class has a PEFT form: its `peft_form` capability (a class attribute)."""
+    return bool(cls.peft_form)
 
 
 def exportable_methods() -> list[str]:
@@ -103,7 +100,7 @@ def export_peft(
     at once); returns it. ConfigError for a method without a PEFT form, naming the ones with one."""
     from safetensors.torch import save_file
 
-    from peftbench.rundir import atomic_directory
+    from peftbench.files import atomic_directory
 
     config, tensors = peft_payload(model, method, trained)
     # own copies: safetensors refuses tensors that share memory (tied weights, views of one buffer)
@@ -128,7 +125,7 @@ def export_after_training(model: nn.Module, method: PeftMethod, adapter_dir: Pat
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    from peftbench.rundir import run_dir_parser
+    from peftbench.commands import run_dir_parser
 
     parser = run_dir_parser("python -m peftbench.export", __doc__.splitlines()[0])
     parser.add_argument(
@@ -138,8 +135,10 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftbench.commands import fail
+    from peftbench.files import check_out
     from peftbench.methods.io import read_method
-    from peftbench.rundir import adapter_keys, check_out, fail, load_adapted, locate
+    from peftbench.saved_run import adapter_keys, load_adapted, locate
 
     args = parse_args(argv)
     try:

@@ -5,7 +5,7 @@
     python -m peftbench.generate --model <merged model dir> --prompt "..." --temperature 0.7 --top-p 0.9
 
 A run or adapter directory: the base is rebuilt from the run's `model` config and the adapter loaded
-(`peftbench.rundir`; ``--base KEY=VALUE`` overrides that config). ``--model DIR``: a plain transformers
+(`peftbench.saved_run`; ``--base KEY=VALUE`` overrides that config). ``--model DIR``: a plain transformers
 model, e.g. the output of `peftbench.merge`. Each prompt (``--prompt``, or ``--file``: one prompt per
 non-empty line) goes through the tokenizer's chat template as a user turn when it has one (``--no-chat``:
 the raw text; ``--chat`` insists on a template). Decoding is greedy unless ``--temperature`` (> 0) or
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from peftbench.errors import ConfigError, bad_value
+from peftbench.errors import ConfigError, bad_value, check_int
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,7 @@ class Decoding:
     top_p: float | None = None
 
     def validate(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise bad_value("--max-new-tokens", self.max_new_tokens, "an integer >= 1")
-        if self.max_new_tokens < 1:
-            raise bad_value("--max-new-tokens", self.max_new_tokens, "an integer >= 1")
+        check_int("--max-new-tokens", self.max_new_tokens)
         if self.temperature is not None and not self.temperature >= 0:
             raise bad_value("--temperature", self.temperature, "a number >= 0 (0: greedy)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -136,7 +133,7 @@ def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """`(model, tokenizer)` from a run / adapter directory or a plain model directory."""
     from peftbench.models import load_model
-    from peftbench.rundir import apply_overrides, load_adapted, locate
+    from peftbench.saved_run import apply_overrides, load_adapted, locate
 
     if args.model is not None:
         path = Path(args.model).expanduser()
@@ -153,7 +150,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from peftbench.rundir import OneLineParser, add_model_overrides
+    from peftbench.commands import OneLineParser, add_model_overrides
 
     parser = OneLineParser(prog="python -m peftbench.generate", description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", type=Path, default=None, help="a run directory")
@@ -187,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peftbench.rundir import fail
+    from peftbench.commands import fail
 
     args = parse_args(argv)
     try:

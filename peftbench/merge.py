@@ -2,7 +2,7 @@
 
     python -m peftbench.merge <run dir | adapter dir> --out DIR [--model KEY=VALUE ...]
 
-The base is rebuilt from the run's own `model` config (`peftbench.rundir`; ``--model name_or_path=...``
+The base is rebuilt from the run's own `model` config (`peftbench.saved_run`; ``--model name_or_path=...``
 points at a moved base), the adapter loaded, and every adapter layer folded into a plain layer
 (`PeftMethod.merge`: LoRA's ``W0 + s B A``, VeRA's ``W0 + diag(b) B diag(d) A``, ...). The baselines that
 train the base's own weights (full, partial, BitFit, LN tuning) have nothing to fold: their adapter file
@@ -32,12 +32,11 @@ PROVENANCE = "peftbench_merge.json"
 MODEL_MARKER = "config.json"
 
 
-def can_merge(cls: type) -> bool:
+def can_merge(cls: type[PeftMethod]) -> bool:
     """A method whose trained model is a plain model once folded: its layers merge (`mergeable`), or it
-    inserts none and trains the base's own weights (`BaseWeightsMethod`: full, partial, BitFit, LN tuning)."""
-    from peftbench.methods.full import BaseWeightsMethod
-
-    return bool(cls.mergeable) or issubclass(cls, BaseWeightsMethod)
+    inserts none and trains the base's own weights (`inserts_layers` false: full, partial, BitFit, LN
+    tuning)."""
+    return bool(cls.mergeable) or not cls.inserts_layers
 
 
 def mergeable_methods() -> list[str]:
@@ -92,7 +91,7 @@ def merge_in_place(model: nn.Module, method: PeftMethod, dtype: Any = None) -> n
 
 def save_merged(model: nn.Module, tokenizer: Any, out: str | Path, provenance: dict[str, Any]) -> Path:
     """`save_pretrained` of model and tokenizer into `out`, replaced whole and all at once."""
-    from peftbench.rundir import atomic_directory
+    from peftbench.files import atomic_directory
 
     with atomic_directory(out, marker=MODEL_MARKER) as tmp:
         model.save_pretrained(str(tmp))
@@ -102,7 +101,7 @@ def save_merged(model: nn.Module, tokenizer: Any, out: str | Path, provenance: d
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    from peftbench.rundir import run_dir_parser
+    from peftbench.commands import run_dir_parser
 
     parser = run_dir_parser("python -m peftbench.merge", __doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged model")
@@ -110,9 +109,11 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftbench.commands import fail
+    from peftbench.files import check_out
     from peftbench.methods.io import read_method
     from peftbench.models import ModelSpec
-    from peftbench.rundir import check_out, fail, load_adapted, locate
+    from peftbench.saved_run import load_adapted, locate
 
     args = parse_args(argv)
     try:

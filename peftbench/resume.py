@@ -28,7 +28,7 @@ from peftbench.checkpointing import (
     checkpointing_supported,
     load_checkpoint_file,
 )
-from peftbench.errors import ConfigError, bad_value
+from peftbench.errors import ConfigError, bad_value, check_int, is_int
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,12 @@ def check_checkpoint_config(cfg: Any) -> None:
     """`checkpoint.*` and `resume`: one-line ConfigError naming the bad key."""
     ckpt = cfg.get("checkpoint") or {}
     every = ckpt.get("every_n_steps")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise bad_value(
-            "checkpoint.every_n_steps", every, "an integer >= 1 (optimizer steps), or null (none)"
+    if every is not None:
+        check_int(
+            "checkpoint.every_n_steps", every, accepted="an integer >= 1 (optimizer steps), or null (none)"
         )
     keep = ckpt.get("keep", 2)
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise bad_value("checkpoint.keep", keep, "an integer >= 1")
+    check_int("checkpoint.keep", keep)
     keep_on_success = ckpt.get("keep_on_success", True)
     if not isinstance(keep_on_success, bool):
         raise bad_value("checkpoint.keep_on_success", keep_on_success, "true, false")
@@ -199,7 +198,7 @@ def expected_final_validation(cfg: Any, step: int) -> bool:
     interval = trainer.get("val_check_interval")
     if trainer.get("limit_val_batches", 1.0) == 0 or trainer.get("check_val_every_n_epoch") is not None:
         return False
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+    if not is_int(interval) or interval < 1:
         return False
     batches = step * int(trainer.get("accumulate_grad_batches", 1) or 1)
     return batches % interval == 0 and math.isfinite(batches)

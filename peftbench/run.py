@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from peftbench.build import build, new_run_id, output_dir, prepare
 from peftbench.cli_checks import CONF_DIR
 from peftbench.errors import ConfigError
+from peftbench.lr_search import objective, register_resolvers
 from peftbench.record import RECORD_FILE, Record, read_record, write_record
-from peftbench.tuned import objective, register_resolvers
 from peftbench.validation import composition_error, load_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

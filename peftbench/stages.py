@@ -2,9 +2,10 @@
 
 A run that declares `stages:` trains the same model and the same method's adapter on each stage's task in
 turn, as in the two-phase multilingual recipe (tune on one task, then go on tuning on another): the adapter
-at the end of stage k is where stage k+1 starts. Each stage is a run of its own (`run.train_and_record`
-with the model and adapter carried over: a fresh optimizer and learning-rate schedule, its own
-`trainer.max_steps` and `optim.lr` when the stage sets them):
+at the end of stage k is where stage k+1 starts. The model and the method are built once
+(`build.build_base`); each stage attaches its task (`build.attach_task`) and trains once (`train.train`:
+a fresh optimizer and learning-rate schedule, its own `trainer.max_steps` and `optim.lr` when the stage
+sets them):
 
     stages:
       - task: classification             # the name of a conf/task/<name>.yaml
@@ -44,7 +45,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from peftbench.build import Built, attach_task, build_base, new_run_id, output_dir, seed_everything
-from peftbench.errors import ConfigError, bad_value
+from peftbench.errors import ConfigError, bad_value, is_int, is_number
 from peftbench.record import Forgetting, History, Record, StageResult, from_plain, to_plain
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,10 @@ def parse_stages(value: Any, conf_dir: Path | None = None) -> list[Stage]:
         if not isinstance(overrides, dict):
             raise bad_value(f"{where}.task_overrides", overrides, "a mapping of task config keys")
         steps = entry.get("max_steps")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        if steps is not None and (not is_int(steps) or steps < 1):
             raise bad_value(f"{where}.max_steps", steps, "an integer >= 1, or null (the run's)")
         lr = entry.get("lr")
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < 1e9):
+        if lr is not None and (not is_number(lr) or not 0 < lr < 1e9):
             raise bad_value(f"{where}.lr", lr, "a finite number > 0, or null (the run's optim.lr)")
         name = entry.get("name", task)
         if not isinstance(name, str) or not name.strip() or "/" in name:

@@ -53,7 +53,8 @@ def train(
 ) -> Trained:
     """Fit and test `built`, save its adapter, return its record. `fingerprint`: what a checkpoint of this
     run must match to resume it; `resume`: the checkpoint it continues from; `untuned`: the model is the
-    untuned base, so its score before training may come from the study's cache (peftbench/untuned.py)."""
+    untuned base, so its score before training may come from the study's cache
+    (peftbench/untuned_score.py)."""
     import hydra
     import lightning as L
     import torch
@@ -69,7 +70,7 @@ def train(
     from peftbench.progress import build_callbacks
     from peftbench.redaction import redact
     from peftbench.tasks.sampler import group_by_length, own_generator, resumable_train_loader
-    from peftbench.untuned import untuned_metrics
+    from peftbench.untuned_score import untuned_metrics
 
     started = time.perf_counter() if started is None else started
     model, method, task, head = built.model, built.method, built.task, built.head

@@ -13,12 +13,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from peftbench.errors import ConfigError, bad_value
+from peftbench.errors import ConfigError, bad_value, check_int, is_int, is_number
 
 
 # ----- checks before anything is loaded ------------------------------------------------------------------
 def _number(key: str, value: Any, accepted: str, ok: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+    if not is_number(value) or not ok(value):
         raise bad_value(key, value, accepted)
 
 
@@ -36,7 +36,7 @@ def _check_optim_types(optim: Any) -> None:
         not isinstance(betas, Sequence)
         or isinstance(betas, str)
         or len(betas) != 2
-        or any(isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b < 1 for b in betas)
+        or any(not is_number(b) or not 0 <= b < 1 for b in betas)
     ):
         raise bad_value("optim.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
 
@@ -58,9 +58,9 @@ def _type_matches(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return is_number(value) and math.isfinite(value)
     if hint is str:
         return isinstance(value, str)
     if origin is list:
@@ -123,14 +123,12 @@ def check_trainer_config(trainer: Any) -> None:
             "false (peftbench shards the training data itself, see peftbench/tasks/sampler.py)",
         )
     steps = trainer.get("max_steps", -1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps >= 1):
+    if not is_int(steps) or not (steps == -1 or steps >= 1):
         raise bad_value("trainer.max_steps", steps, "an integer >= 1 (optimizer steps), or -1 (max_epochs)")
     accumulate = trainer.get("accumulate_grad_batches", 1)
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise bad_value("trainer.accumulate_grad_batches", accumulate, "an integer >= 1")
+    check_int("trainer.accumulate_grad_batches", accumulate)
     nodes = trainer.get("num_nodes", 1)
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise bad_value("trainer.num_nodes", nodes, "an integer >= 1")
+    check_int("trainer.num_nodes", nodes)
     deterministic = trainer.get("deterministic", False)
     if deterministic not in (True, False, "warn", None):
         raise bad_value("trainer.deterministic", deterministic, "true, false, warn")
@@ -165,10 +163,8 @@ def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
     _check_optim_types(cfg.optim)
     check_optim_config(cfg.optim)
     batch_size = cfg.batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise bad_value("batch_size", batch_size, "an integer >= 1")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise bad_value("seed", cfg.seed, "an integer >= 0")
+    check_int("batch_size", batch_size)
+    check_int("seed", cfg.seed, minimum=0)
     task = build_task(task_config(cfg.task))
     check_trainer_config(cfg.trainer)
     check_checkpoint_config(cfg)
@@ -223,6 +219,6 @@ def processes(trainer: Any) -> int:
     """Training processes the trainer config asks for: devices (an int, a list, or 1 for `auto`) x nodes."""
     devices = trainer.get("devices", 1)
     per_node = len(devices) if isinstance(devices, Sequence) and not isinstance(devices, str) else devices
-    if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
+    if not is_int(per_node) or per_node < 1:
         per_node = 1
     return per_node * int(trainer.get("num_nodes", 1) or 1)

@@ -16,8 +16,8 @@ from peftbench.methods import build_method
 from peftbench.tasks import ClassificationTask, build_task
 from peftbench.tasks.classification import LabelledText
 from peftbench.tasks.collate import IGNORE_INDEX
-from peftbench.tasks.common import PASS_START
 from peftbench.tasks.labels import answer_matches, confusion_matrix, macro_f1
+from peftbench.tasks.loaders import PASS_START
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.sources import rotten_tomatoes
 from tests.helpers import assert_finite, cli_smoke

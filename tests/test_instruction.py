@@ -12,7 +12,7 @@ import pytest
 from peftbench.errors import ConfigError
 from peftbench.tasks import InstructionTask
 from peftbench.tasks.collate import IGNORE_INDEX
-from peftbench.tasks.common import PASS_START
+from peftbench.tasks.loaders import PASS_START
 from peftbench.tasks.sources import aclsum_records
 from tests.helpers import assert_finite, cli_smoke
 

@@ -23,7 +23,7 @@ from peftbench.errors import ConfigError
 from peftbench.methods import build_method
 from peftbench.padding import PaddingStats, mask_counts
 from peftbench.tasks.collate import CausalLMCollator, Encoded
-from peftbench.tasks.common import make_loader
+from peftbench.tasks.loaders import make_loader
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.sampler import ResumableSampler, group_by_length, grouped_order, resumable_train_loader
 from tests.conftest import tiny_model_cfg

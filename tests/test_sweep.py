@@ -12,8 +12,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from peftbench.errors import ConfigError
-from peftbench.tuned import apply_tuned, objective, register_resolvers
-from peftbench.tuned import main as tuned_main
+from peftbench.lr_search import apply_tuned, objective, register_resolvers
+from peftbench.lr_search import main as tuned_main
 from tests.helpers import ROOT, run_env, run_module
 
 
@@ -77,7 +77,7 @@ def test_progress_counts_the_jobs_of_a_basic_sweep() -> None:
     assert (duration(42), duration(312), duration(3720)) == ("42s", "5m12s", "1h02m")
 
 
-# ----- Optuna learning-rate search (conf/sweep/, peftbench/tuned.py) -------------------------------------
+# ----- Optuna learning-rate search (conf/sweep/, peftbench/lr_search.py) ---------------------------------
 def compose_sweep(*overrides: str) -> Any:
     from hydra import compose, initialize_config_dir
 

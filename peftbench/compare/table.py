@@ -10,7 +10,7 @@ from typing import Any
 
 from peftbench.budget import param_budget
 from peftbench.compare.stats import Estimate, PairedTest, mean_ci, paired_test, pareto_front
-from peftbench.errors import ConfigError, bad_value
+from peftbench.errors import ConfigError, bad_value, is_number
 from peftbench.record import Record, load_record, read_records
 
 DEFAULT_BASELINE = "lora"
@@ -118,7 +118,7 @@ def _get(value: Any, *path: str) -> Any:
 
 
 def _mean(values: list[Any]) -> float | None:
-    xs = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    xs = [float(v) for v in values if is_number(v)]
     return math.fsum(xs) / len(xs) if xs else None
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from peftbench.errors import ConfigError, bad_value
+from peftbench.errors import ConfigError, bad_value, check_int
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -86,8 +86,7 @@ class ModelSpec:
             raise bad_value("model.trust_remote_code", values["trust_remote_code"], "true, false")
         for key, low in (("num_labels", 1), ("seed", 0)):
             value = values.get(key, low)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise bad_value(f"model.{key}", value, f"an integer >= {low}")
+            check_int(f"model.{key}", value, minimum=low)
         random_config = values.get("random_config", {})
         if not isinstance(random_config, Mapping):
             raise bad_value("model.random_config", random_config, "a mapping of LlamaConfig overrides")

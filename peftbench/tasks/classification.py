@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch, mean_metrics
+from peftbench.tasks.checks import check_template, positive_int
 from peftbench.tasks.collate import IGNORE_INDEX, _pad, pad_token_id, render_prompt, truncate_texts
-from peftbench.tasks.common import check_template, classifier_head, is_causal_lm, positive_int
 from peftbench.tasks.datatask import Collate, DataTask
+from peftbench.tasks.heads import classifier_head, is_causal_lm
 from peftbench.tasks.labels import accuracy, confusion_matrix, macro_f1
 from peftbench.tasks.logprobs import hidden_and_head
 from peftbench.tasks.sources import ROTTEN_TOMATOES, map_columns

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftbench.tasks.base import mean_metrics
-from peftbench.tasks.common import make_loader, positive_int, require_causal_lm
+from peftbench.tasks.checks import positive_int, require_causal_lm
+from peftbench.tasks.loaders import make_loader
 from peftbench.tasks.probe import ForgettingProbe
 from peftbench.tasks.sources import BBC_NEWS, RawData, load_any_source
 from peftbench.tasks.splits import check_split_spec

@@ -39,65 +39,25 @@ import torch
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch
+from peftbench.tasks.checks import positive_int, require_eos
 from peftbench.tasks.collate import CausalLMCollator, Encoded, pad_token_id, render_prompt, truncate_texts
-from peftbench.tasks.common import greedy_answers, positive_int, require_eos
 from peftbench.tasks.datatask import Collate, DataTask
+from peftbench.tasks.greedy import greedy_answers
+from peftbench.tasks.instruction_data import (
+    DEFAULT_HELD_OUT,
+    FORMATS,
+    MIXTURE,
+    MIXTURE_TYPES,
+    parse_messages,
+)
 from peftbench.tasks.labels import answer_matches
 from peftbench.tasks.logprobs import response_logprobs
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.rouge import rouge_scores
-from peftbench.tasks.sources import ACLSUM, BBC_NEWS, ROTTEN_TOMATOES, RawData, load_any_source
+from peftbench.tasks.sources import RawData, load_any_source
 from peftbench.tasks.splits import content_hash, split_records
 
 log = logging.getLogger(__name__)
-
-MIXTURE = "mixture"
-FORMATS = ("auto", "alpaca", "messages")
-SECTIONS = "business, entertainment, politics, sports or tech"  # the BBC corpus's category names
-DEFAULT_HELD_OUT = ("section",)  # the mixture's type held out when `held_out_types` is null
-
-
-@dataclass(frozen=True)
-class MixtureType:
-    """One instruction type of the default mixture: its corpus, columns, prompt and scoring."""
-
-    corpus: str
-    source: str  # column holding the text the instruction is about
-    target: str  # column holding the answer (after `answers` mapping)
-    prompt: str  # the user message, `{source}` = the (truncated) text
-    label_like: bool  # scored by exact match (else ROUGE-L)
-    answers: tuple[tuple[str, str], ...] = ()  # value -> answer word mapping (e.g. fresh -> positive)
-
-
-MIXTURE_TYPES: dict[str, MixtureType] = {
-    "headline": MixtureType(
-        BBC_NEWS, "text", "title", "Write a headline for this news article.\n\n{source}", False
-    ),
-    "sentiment": MixtureType(
-        ROTTEN_TOMATOES,
-        "text",
-        "category",
-        "Is this movie review positive or negative? Answer with one word.\n\n{source}",
-        True,
-        (("fresh", "positive"), ("rotten", "negative")),
-    ),
-    "section": MixtureType(
-        BBC_NEWS,
-        "text",
-        "category",
-        f"Which section of the newspaper does this article belong to: {SECTIONS}? "
-        "Answer with one word.\n\n{source}",
-        True,
-    ),
-    "approach": MixtureType(
-        ACLSUM,
-        "abstract",
-        "approach",
-        "Summarise the approach of this paper in one sentence.\n\n{source}",
-        False,
-    ),
-}
-"""The default mixture's instruction types."""
 
 
 @dataclass
@@ -268,7 +228,7 @@ class InstructionTask(DataTask):
                 records.append({"type": self._type_of(r), "prompt": prompt, "target": output})
         else:
             for r in raw.records:
-                messages = _messages(r.get(cols["messages"]))
+                messages = parse_messages(r.get(cols["messages"]))
                 if messages is None:
                     dropped += 1
                     continue
@@ -430,22 +390,3 @@ class InstructionTask(DataTask):
             for name, v in ((key, value), ("score", value), (seen, value), (f"loss/{kind}", losses[i])):
                 out.setdefault(name, []).append(v)
         return out | self.forgetting.scores(model, batch)
-
-
-def _messages(value: Any) -> list[dict[str, str]] | None:
-    """A chat as a list of `{role, content}` ending with a non-empty assistant message, else None."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(value, list) or len(value) < 2:
-        return None
-    messages = []
-    for m in value:
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or m.get("content") is None:
-            return None
-        messages.append({"role": m["role"], "content": str(m["content"])})
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        return None
-    return messages

@@ -30,14 +30,14 @@ import torch
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch
-from peftbench.tasks.collate import IGNORE_INDEX, _pad, encode_examples, pad_token_id
-from peftbench.tasks.common import (
+from peftbench.tasks.checks import (
     check_template,
     positive_float,
     positive_int,
     require_causal_lm,
     require_eos,
 )
+from peftbench.tasks.collate import IGNORE_INDEX, _pad, encode_examples, pad_token_id
 from peftbench.tasks.datatask import Collate, DataTask
 from peftbench.tasks.dpo import DPOOutput, dpo_loss
 from peftbench.tasks.logprobs import response_logprobs

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from peftbench.errors import ConfigError
+from peftbench.errors import ConfigError, check_int
 from peftbench.tasks.collate import IGNORE_INDEX, pad_token_id, truncate_texts
-from peftbench.tasks.common import PASS_START, is_causal_lm
+from peftbench.tasks.heads import is_causal_lm
+from peftbench.tasks.loaders import PASS_START
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.splits import content_hash
 
@@ -67,8 +68,7 @@ class ForgettingProbe:
         elif not isinstance(spec, bool | None):
             raise ConfigError(f"task.probe={spec!r} is not valid; accepted: null, true or a mapping")
         for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"task.probe.{key}={value!r} is not valid; accepted: an integer >= 1")
+            check_int(f"task.probe.{key}", value)
         self.n_texts, self.max_tokens, self.batch_size = (
             values["texts"],
             values["max_tokens"],

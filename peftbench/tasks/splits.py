@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from peftbench.errors import ConfigError
+from peftbench.errors import ConfigError, is_number
 
 T = TypeVar("T", bound=Mapping[str, Any])
 
@@ -58,7 +58,7 @@ def _count(name: str, value: int | float | None, total: int) -> int:
     """An absolute count (int >= 0) or a fraction of `total` (float in [0, 1))."""
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise ConfigError(
             f"task.split.{name}={value!r} is not valid; accepted: a count >= 0 or a fraction in [0, 1)"
         )

@@ -14,9 +14,10 @@ import torch
 
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Batch
+from peftbench.tasks.checks import check_template, positive_int, require_eos
 from peftbench.tasks.collate import CausalLMCollator, encode_examples, pad_token_id
-from peftbench.tasks.common import check_template, greedy_answers, positive_int, require_eos
 from peftbench.tasks.datatask import Collate, DataTask
+from peftbench.tasks.greedy import greedy_answers
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.rouge import rouge_scores
 from peftbench.tasks.sources import map_columns

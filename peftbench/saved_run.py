@@ -13,22 +13,15 @@ for an adapter directory that has no run beside it.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import os
-import shutil
-import sys
-import tempfile
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftbench.errors import ConfigError
+from peftbench.record import RECORD_FILE as RECORD
 
-RECORD = "record.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 ADAPTER_DIR = "adapter"
 #: `model` config keys that change how a base trains, not what it is (dropped when rebuilding)
@@ -75,7 +68,7 @@ def run_model_config(run_dir: Path) -> dict[str, Any] | None:
     """The `model` config a run loaded its base with: from `record.json`, else `.hydra/config.yaml`."""
     from omegaconf import OmegaConf
 
-    from peftbench.tuned import register_resolvers
+    from peftbench.lr_search import register_resolvers
 
     for source in (run_dir / RECORD, run_dir / HYDRA_CONFIG):
         if not source.is_file():
@@ -129,77 +122,3 @@ def adapter_keys(saved: SavedRun) -> list[str]:
 
     with safe_open(str(saved.adapter / ADAPTER_FILE), framework="pt") as handle:
         return list(handle.keys())
-
-
-def check_out(path: str | Path, marker: str) -> Path:
-    """`path` if a command may write its output directory there (see `atomic_directory`); else ConfigError.
-    Commands call it before their slow work too, so a bad --out fails at once."""
-    path = Path(path).expanduser()
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists())):
-        raise ConfigError(
-            f"--out={str(path)!r} exists and holds other things; accepted: a new or empty directory, or one "
-            f"written by this command before (holding {marker})"
-        )
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path, marker: str) -> Iterator[Path]:
-    """Write a directory all at once: yields an empty sibling to fill; on success it takes `path`'s place,
-    on an error it is deleted and `path` is left as it was.
-
-    An existing `path` is replaced only if it is empty or holds `marker` (an earlier output of the same
-    kind): a directory of other files is refused with a ConfigError rather than deleted."""
-    path = check_out(path, marker)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-        yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr with exit code 2 (as `peftbench.compare`)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def add_model_overrides(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
-    """The repeatable ``KEY=VALUE`` option that overrides the run's `model` config."""
-    parser.add_argument(
-        flag,
-        dest="model_overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the run's model config, e.g. name_or_path=<local base>, dtype=bfloat16 "
-        "(repeatable)",
-    )
-
-
-def run_dir_parser(prog: str, description: str) -> OneLineParser:
-    """The parser shared by export and merge: a run (or adapter) directory and ``--model`` overrides."""
-    parser = OneLineParser(prog=prog, description=description)
-    parser.add_argument("path", type=Path, help="a run directory, or an adapter directory")
-    add_model_overrides(parser)
-    return parser
-
-
-def fail(err: ConfigError) -> int:
-    """Print a ConfigError as one line on stderr; the exit code for bad input (2)."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2
