@@ -70,7 +70,8 @@ def main() -> None:
         "runs": [profile(dtype, args.batch, args.seq) for dtype in ("float32", "bfloat16")],
     }
     ratio = result["runs"][1]["step_s"] / result["runs"][0]["step_s"]
-    print(f"\nbf16 / fp32 compute step time: {ratio:.1f}x on {result['cpu']} (native bf16: {result['native_bf16']})")
+    native = result["native_bf16"]
+    print(f"\nbf16 / fp32 compute step time: {ratio:.1f}x on {result['cpu']} (native bf16: {native})")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)
