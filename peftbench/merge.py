@@ -55,22 +55,13 @@ def cannot_merge(method: PeftMethod) -> ConfigError:
 def dequantize_remaining(model: nn.Module) -> None:
     """Replace every 4-bit linear layer still in the model (one no adapter wrapped) by a plain nn.Linear
     holding its dequantized weight: a saved plain model holds no quantized tensors."""
-    import torch
-
-    from peftbench.methods.dense import base_weight
+    from peftbench.methods.dense import base_weight, plain_linear
     from peftbench.methods.walker import replace_module
 
     for name, module in list(model.named_modules()):
         if getattr(getattr(module, "weight", None), "quant_state", None) is None:
             continue
-        weight = base_weight(module)
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-        layer = layer.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
-        replace_module(model, name, layer.requires_grad_(False))
+        replace_module(model, name, plain_linear(base_weight(module), module.bias))
 
 
 def merge_in_place(model: nn.Module, method: PeftMethod, dtype: Any = None) -> nn.Module:
