@@ -2,8 +2,9 @@
 
 A multinomial logistic regression (scikit-learn's if installed, else the same model fitted with torch's
 L-BFGS) is trained on a few hundred synthetic scenes (peftbench/tasks/scenes_data.py) and scored on
-held-out ones, for three inputs: the encoder's tokens mean-pooled (1280 numbers), the encoder's tokens
-concatenated (9 x 1280 at 96 px, position kept), and the raw preprocessed pixels (96 x 96 x 3). The L2
+held-out ones, for four inputs: the encoder's tokens mean-pooled (1280 numbers), the encoder's tokens
+concatenated (9 x 1280 at 96 px, position kept), the raw preprocessed pixels (96 x 96 x 3), and, as a
+control, the mean-pooled tokens of the same architecture with random weights (what ImageNet adds). The L2
 strength is chosen on a fifth of the training scenes. Questions:
 
 - colour (single shape): one shape, three colours, chance 1/3;
@@ -104,6 +105,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     encoder = VisionEncoder(DEFAULT_IMAGE_SIZE)
+    random_encoder = VisionEncoder(DEFAULT_IMAGE_SIZE, pretrained=False)  # control: the architecture alone
     n = args.train + args.test
     single = scenes(args.seed, n, SceneConfig(colours=COLOURS, max_objects=1), lambda s: True, unique=False)
     crowded = scenes(
@@ -131,6 +133,9 @@ def main() -> None:
             "encoder_mean_pooled": tokens.mean(1),
             "encoder_tokens_concatenated": tokens.flatten(1),
             "raw_pixels": pixels.flatten(1),
+            "random_weights_encoder_mean_pooled": torch.cat(
+                [random_encoder(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]
+            ).mean(1),
         }
     results: dict[str, dict] = {}
     for name, (group, labels, classes) in tasks.items():

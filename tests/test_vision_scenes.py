@@ -150,8 +150,8 @@ def test_cache_returns_identical_features_without_recomputing(
 ) -> None:
     paths = [scenes_dir / "images" / "test-00000.png", scenes_dir / "images" / "test-00001.png"]
     cache = FeatureCache(encoder, tmp_path / "cache")
-    first = cache.tokens(paths)
-    assert first.shape == (2, 9, 1280) and cache.computed == 2
+    first = cache.tokens([*paths, paths[0]])[:2]  # the same image twice in one call: encoded once
+    assert first.shape == (2, 9, 1280) and cache.computed == 2 and cache.hits == 1
     assert torch.allclose(first[0], encoder.encode([Image.open(paths[0])])[0], atol=1e-5)
 
     def refuse(*args: object) -> torch.Tensor:
@@ -161,7 +161,7 @@ def test_cache_returns_identical_features_without_recomputing(
     copy = tmp_path / "same-content.png"
     copy.write_bytes(paths[1].read_bytes())
     assert torch.equal(cache.tokens([*paths, copy]), torch.cat([first, first[1:]]))
-    assert cache.computed == 2 and cache.hits == 3
+    assert cache.computed == 2 and cache.hits == 4
     reloaded = FeatureCache(encoder, tmp_path / "cache")  # from disk, in a new process's cache
     assert torch.equal(reloaded.tokens(paths), first) and reloaded.computed == 0
 
