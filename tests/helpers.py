@@ -130,3 +130,21 @@ def cli_smoke(tmp_path: Path, task: str, model: str, overrides: list[str]) -> di
 def assert_finite(values: Mapping[str, float], keys: Iterable[str]) -> None:
     for key in keys:
         assert math.isfinite(values[key]), key
+
+
+def bare_trainer(max_steps: int, **options: Any) -> Any:
+    """A CPU `lightning.Trainer` with nothing around the fit loop (no logger, progress bar, summary,
+    validation or checkpointing unless `options` say so): for tests that drive `PeftModule` directly."""
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **{"enable_checkpointing": False, **options},
+    )

@@ -21,7 +21,7 @@ from peftbench.methods import build_method, check_groups_cover
 from peftbench.methods.lora import LoRALinear
 from peftbench.methods.lora_fa import LoRAFALinear, Preconditioner, _LoRAFABranch, precondition_grad_b
 from peftbench.module import PeftModule
-from tests.helpers import ROOT, clone_model, tiny_llama, token_batch
+from tests.helpers import ROOT, bare_trainer, clone_model, tiny_llama, token_batch
 
 
 def _layer_pair(dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> tuple[LoRALinear, LoRAFALinear]:
@@ -217,18 +217,7 @@ def _optim_config() -> Any:
 
 
 def _trainer(**options: Any) -> L.Trainer:
-    return L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        gradient_clip_val=CLIP,
-        **{"enable_checkpointing": False, **options},
-    )
+    return bare_trainer(STEPS, **{"gradient_clip_val": CLIP, **options})
 
 
 def _by_hand(model: nn.Module, method: Any, clip_first: bool) -> list[float]:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from peftbench.methods import build_method
 from peftbench.methods.delta_lora import DeltaLoRALinear
 from peftbench.module import PeftModule
-from tests.helpers import ROOT, tiny_llama, token_batch
+from tests.helpers import ROOT, bare_trainer, tiny_llama, token_batch
 
 
 class CausalLMTask:
@@ -91,17 +91,7 @@ def _delta_lora(warmup_steps: int | float) -> tuple[torch.nn.Module, Any, PeftMo
 
 
 def _trainer(max_steps: int, **options: Any) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **{"enable_checkpointing": False, **options},
-    )
+    return bare_trainer(max_steps, **options)
 
 
 @pytest.mark.parametrize(("warmup", "first_move"), [(0, 1), (2, 3)])
