@@ -296,22 +296,14 @@ def test_resume_goes_on_preconditioning_after_clipping(tmp_path: Path) -> None:
         torch.testing.assert_close(layer.lora_B, expected.lora_B, atol=1e-7, rtol=0)
 
 
-def test_clipped_training_matches_peft_create_lorafa_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same weights, batches and clipping (backward, clip_grad_norm_, step) for PEFT's LoRA-FA optimizer
-    and for torch AdamW with our hook: the same B after 3 steps, and not the B of the other order. PEFT's
-    optimizer is made comparable: its fp32 path (on a bf16-capable CPU it projects under bf16 autocast, which
-    flips the sign of near-zero entries), eps 1e-12 on both sides (it adds eps before Adam's bias correction,
-    torch after), no weight decay (it decays after the update, torch before)."""
-    peft = pytest.importorskip("peft")
-    import peft.optimizers.lorafa as peft_lorafa
-    from peft.optimizers import create_lorafa_optimizer
+def _peft_twin_with_random_b(base: nn.Module, ours: nn.Module) -> nn.Module:
+    """Draw a random B for every LoRA-FA layer of `ours`, then a PEFT LoRA on a copy of `base` holding
+    the same A and B (so both sides start from one adapter)."""
+    import peft
 
-    monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda: False)
-    base = tiny_llama()
-    ours, method = _lora_fa()
     reference = peft.get_peft_model(
         clone_model(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    ).train()
+    )
     theirs = dict(reference.named_parameters())
     with torch.no_grad():
         for name, layer in ours.named_modules():
@@ -319,6 +311,24 @@ def test_clipped_training_matches_peft_create_lorafa_optimizer(monkeypatch: pyte
                 layer.lora_B.normal_(std=0.1)
                 theirs[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A)
                 theirs[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B)
+    return reference
+
+
+def test_clipped_training_matches_peft_create_lorafa_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same weights, batches and clipping (backward, clip_grad_norm_, step) for PEFT's LoRA-FA optimizer
+    and for torch AdamW with our hook: the same B after 3 steps, and not the B of the other order. PEFT's
+    optimizer is made comparable: its fp32 path (on a bf16-capable CPU it projects under bf16 autocast, which
+    flips the sign of near-zero entries), eps 1e-12 on both sides (it adds eps before Adam's bias correction,
+    torch after), no weight decay (it decays after the update, torch before)."""
+    pytest.importorskip("peft")
+    import peft.optimizers.lorafa as peft_lorafa
+    from peft.optimizers import create_lorafa_optimizer
+
+    monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda: False)
+    base = tiny_llama()
+    ours, method = _lora_fa()
+    reference = _peft_twin_with_random_b(base, ours).train()
+    theirs = dict(reference.named_parameters())
     precondition_first = copy.deepcopy(ours)
     peft_optimizer = create_lorafa_optimizer(reference, r=4, lora_alpha=8, lr=LR, weight_decay=0.0)
     peft_optimizer.param_groups[0]["eps"] = 1e-12
@@ -352,21 +362,12 @@ def test_clipped_training_matches_peft_create_lorafa_optimizer(monkeypatch: pyte
 
 
 def test_matches_peft_lora_on_copied_weights() -> None:
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     base = tiny_llama()
     ours = clone_model(base)
     torch.manual_seed(0)
     build_method({"name": "lora_fa", "r": 4, "alpha": 8, "dropout": 0.0}).apply(ours)
-    reference = peft.get_peft_model(
-        clone_model(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    )
-    peft_params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, layer in ours.named_modules():
-            if isinstance(layer, LoRAFALinear):
-                layer.lora_B.normal_(std=0.1)
-                peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A)
-                peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B)
+    reference = _peft_twin_with_random_b(base, ours)
     x = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x).logits, reference.eval()(x).logits, atol=1e-5, rtol=0)
