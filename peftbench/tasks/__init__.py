@@ -9,6 +9,7 @@ from typing import Any
 from peftbench.errors import ConfigError
 from peftbench.tasks.base import Task
 from peftbench.tasks.classification import ClassificationTask
+from peftbench.tasks.dialogue import DialogueTask
 from peftbench.tasks.instruction import InstructionTask
 from peftbench.tasks.preference import PreferenceTask
 from peftbench.tasks.summarization import SummarizationTask
@@ -19,6 +20,7 @@ TASKS: dict[str, type] = {
     "topic_classification": ClassificationTask,  # the same class; conf/task/topic_classification.yaml
     "instruction": InstructionTask,
     "preference": PreferenceTask,
+    "dialogue": DialogueTask,
 }
 
 
@@ -51,6 +53,7 @@ def build_task(cfg: Any) -> Task:
 __all__ = [
     "TASKS",
     "ClassificationTask",
+    "DialogueTask",
     "InstructionTask",
     "PreferenceTask",
     "SummarizationTask",
