@@ -20,6 +20,7 @@ from peftbench.compiling import compile_in_place
 from peftbench.memory import peak_bytes, reset_peak
 from peftbench.methods.base import PeftMethod, check_groups_cover
 from peftbench.optim import build_optimizer, lr_lambda
+from peftbench.tasks.stepping import StepContext, steps_optimizer_itself
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +69,12 @@ class PeftModule(L.LightningModule):
         self._pending_loss: torch.Tensor | None = None  # this batch's loss, until it is recorded
         self._scores: dict[str, list[Any]] = defaultdict(list)  # the pass's per-example values, by key
         self._losses: list[tuple[float, int]] = []
+        # a task that steps the optimizer itself (tasks/stepping.py: RL's rollouts and minibatch epochs)
+        # runs under Lightning's manual optimization; gradient clipping is then done here, with the value
+        # `train.py` takes out of the Trainer's arguments (Lightning refuses it under manual optimization)
+        self.automatic_optimization = not steps_optimizer_itself(task)
+        self.manual_clip: tuple[float | None, str | None] = (None, None)
+        self.step_stats: list[dict[str, float]] = []  # a stepping task's per-batch statistics (the record)
 
     def configure_model(self) -> None:
         """`trainer.compile=true`: compile the model's blocks in place, once (Lightning calls this before
@@ -89,10 +96,14 @@ class PeftModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.task.loss(self.model, batch)
+        if not self.automatic_optimization:  # the task steps the optimizer itself (tasks/stepping.py)
+            loss, tokens = self.task.training_step(self._step_context(), batch)
+        else:
+            loss, _ = self.task.loss(self.model, batch)
+            tokens = int(batch["attention_mask"].sum())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self.global_step, self.loss_history, self.optim.lr)
-        self.train_tokens += int(batch["attention_mask"].sum())
+        self.train_tokens += tokens
         self._pending_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         return loss
@@ -119,13 +130,52 @@ class PeftModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.after_real_optimizer_step()
 
-    def after_real_optimizer_step(self) -> None:
+    def after_real_optimizer_step(self, steps_done: int | None = None) -> None:
         """Tell the method that one more optimizer step is done, with the count of steps done (1 after the
         first). Lightning increments `trainer.global_step` only after `optimizer_step` returns, so inside it
-        the count is ``global_step + 1`` (docs/METHODS.md, Delta-LoRA, "Step counting"). A path that steps
-        the optimizer itself (manual optimization) calls this after each real step, before Lightning's
-        counter moves."""
-        self.method.after_optimizer_step(self.model, self.trainer.global_step + 1)
+        the count is ``global_step + 1`` (docs/METHODS.md, Delta-LoRA, "Step counting"). Under manual
+        optimization the count has already moved when the step returns: `manual_optimizer_step` passes it."""
+        count = self.trainer.global_step + 1 if steps_done is None else steps_done
+        self.method.after_optimizer_step(self.model, count)
+
+    # ----- a task that steps the optimizer itself (manual optimization) --------------------------------
+    def _step_context(self) -> StepContext:
+        return StepContext(
+            model=self.model,
+            steps_done=int(self.trainer.global_step),
+            rank=int(self.trainer.global_rank),
+            world_size=int(self.trainer.world_size),
+            optimizer_step=self.manual_optimizer_step,
+            log=self.log_step_stats,
+        )
+
+    def manual_optimizer_step(self, loss: torch.Tensor) -> None:
+        """One real optimizer step from `loss`, as the automatic path takes it: backward, gradient clipping
+        (`trainer.gradient_clip_val`, kept in `manual_clip`), the step (optimizer hooks such as LoRA-FA's
+        run inside it), the scheduler's step, then the method's `after_optimizer_step` with the count."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self.global_step, self.loss_history, self.optim.lr)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        clip_value, clip_algorithm = self.manual_clip
+        if clip_value:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=clip_value, gradient_clip_algorithm=clip_algorithm or "norm"
+            )
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.after_real_optimizer_step(int(self.trainer.global_step))
+
+    def log_step_stats(self, stats: Any) -> None:
+        """Log a batch's statistics as `train/<key>` and keep them (with the step) for the record."""
+        values = {str(k): float(v) for k, v in stats.items()}
+        self.step_stats.append({"step": float(self.global_step), **values})
+        for key, value in values.items():
+            self.log(f"train/{key}", value, on_step=True, batch_size=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.method.param_groups(self.model, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
@@ -153,6 +203,7 @@ class PeftModule(L.LightningModule):
             "train_tokens": int(self.train_tokens),
             "train_seconds": float(self.train_seconds),
             "peak_train_bytes": int(self.peak_train_bytes),
+            "step_stats": [dict(s) for s in self.step_stats],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -168,6 +219,7 @@ class PeftModule(L.LightningModule):
         self.train_tokens = int(saved.get("train_tokens", 0))
         self.train_seconds = float(saved.get("train_seconds", 0.0))
         self.peak_train_bytes = int(saved.get("peak_train_bytes", 0))
+        self.step_stats = [dict(s) for s in saved.get("step_stats", [])]
 
     # ----- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:

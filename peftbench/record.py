@@ -71,6 +71,53 @@ class History:
 
 
 @dataclass
+class Rollouts:
+    """RL from feedback (task=grpo/rloo/ppo, peftbench/tasks/reinforce.py): the statistics of every rollout
+    batch (`history`, as logged under `train/`) and their summary. `reward_first` is the first batch's mean
+    reward (sampled before any update), `reward_last` the last one's; `kl_last` the KL to the reference per
+    completion on the last batch; `generation_share` the share of the training step time spent sampling."""
+
+    batches: int = 0
+    reward_first: float | None = None
+    reward_last: float | None = None
+    reward_std_last: float | None = None
+    zero_spread_groups: float | None = None  # mean over batches
+    kl_last: float | None = None
+    clip_fraction: float | None = None  # mean over batches
+    completion_length: float | None = None  # mean over batches
+    generation_tokens_per_s: float | None = None  # mean over batches
+    generation_share: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def rollout_summary(history: list[dict[str, float]]) -> Rollouts | None:
+    """`Rollouts` from the per-batch statistics of a task that steps the optimizer itself (None without)."""
+    if not history:
+        return None
+
+    def mean(key: str) -> float | None:
+        values = [float(h[key]) for h in history if key in h]
+        return sum(values) / len(values) if values else None
+
+    first, last = history[0], history[-1]
+    step_s = sum(float(h.get("step_s", 0.0)) for h in history)
+    generation_s = sum(float(h.get("generation_s", 0.0)) for h in history)
+    return Rollouts(
+        batches=len(history),
+        reward_first=first.get("reward_mean"),
+        reward_last=last.get("reward_mean"),
+        reward_std_last=last.get("reward_std"),
+        zero_spread_groups=mean("zero_spread_groups"),
+        kl_last=last.get("kl"),
+        clip_fraction=mean("clip_fraction"),
+        completion_length=mean("completion_length"),
+        generation_tokens_per_s=mean("generation_tokens_per_s"),
+        generation_share=generation_s / step_s if step_s > 0 else None,
+        history=[dict(h) for h in history],
+    )
+
+
+@dataclass
 class Env:
     """The machine and libraries of a run, taken when it starts."""
 
@@ -144,6 +191,7 @@ class Record:
     resumed_from: dict[str, Any] | None = None
     checkpoints: str | None = None
     run_dir: str | None = None
+    rollouts: Rollouts | None = None  # RL from feedback only
     # ----- a stages run
     stages: list[StageResult] | None = None
     forgetting: dict[str, Forgetting] | None = None
@@ -172,14 +220,14 @@ _BY_STATUS = {
     "ok": (
         *("seeds", "primary_metric", "metrics", "params", "memory", "time", "tokens_per_s", "steps"),
         *("train_tokens", "padding", "history", "data", "method_config", "world_size", "resumed_from"),
-        *("checkpoints", "run_dir", "stages", "forgetting"),
+        *("checkpoints", "run_dir", "stages", "forgetting", "rollouts"),
     ),
     "failed": ("failure", "error", "traceback", "checkpoint"),
     "interrupted": ("signal", "step", "checkpoint", "resume", "error"),
 }
 #: fields left out of the JSON when None, per class
 _OPTIONAL = {
-    "Record": ("env", "stages", "forgetting", "traceback"),
+    "Record": ("env", "stages", "forgetting", "traceback", "rollouts"),
     "StageResult": ("metrics_after_last",),
     "Memory": ("device_name",),
     "Timings": ("eval_before_s", "eval_before_reused"),

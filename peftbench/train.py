@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from peftbench.build import Built
-from peftbench.record import History, Memory, Params, Record, Timings
+from peftbench.record import History, Memory, Params, Record, Timings, rollout_summary
 from peftbench.resume import Resume, check_adapter, validate_if_missed
 
 
@@ -92,6 +92,11 @@ def train(
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     compile_model = bool(trainer_kwargs.pop("compile", False))  # peftbench's option, not a Trainer kwarg
     module = PeftModule(model, method, task, cfg.optim, compile=compile_model)
+    if not module.automatic_optimization:  # the task steps the optimizer (tasks/stepping.py): clip there
+        module.manual_clip = (
+            trainer_kwargs.pop("gradient_clip_val", None),
+            trainer_kwargs.pop("gradient_clip_algorithm", None),
+        )
     train_loader = resumable_train_loader(task.train_dataloader(cfg.batch_size), cfg.seed)
     if cfg.task.get("group_by_length", False):  # similar lengths per batch: less padding (tasks/sampler.py)
         group_by_length(train_loader)
@@ -178,6 +183,7 @@ def train(
         method_config=method.describe(),
         world_size=trainer.world_size,
         resumed_from=resume.summary() if resume else None,
+        rollouts=rollout_summary(module.step_stats),
         checkpoints=str(checkpointing.dirpath) if checkpointing.dirpath else None,
         config=flat_config,
         run_dir=str(run_dir),

@@ -167,8 +167,23 @@ def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
     check_int("seed", cfg.seed, minimum=0)
     task = build_task(task_config(cfg.task))
     check_trainer_config(cfg.trainer)
+    check_stepping_task(task, cfg.trainer)
     check_checkpoint_config(cfg)
     return method, task
+
+
+def check_stepping_task(task: Any, trainer: Any) -> None:
+    """A task that steps the optimizer itself (peftbench/tasks/stepping.py) takes one optimizer step per
+    update it makes: gradient accumulation over batches does not apply (Lightning refuses it too)."""
+    from peftbench.tasks.stepping import steps_optimizer_itself
+
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if steps_optimizer_itself(task) and accumulate != 1:
+        raise bad_value(
+            "trainer.accumulate_grad_batches",
+            accumulate,
+            f"1 for task {task.name!r} (it steps the optimizer itself; use its minibatches instead)",
+        )
 
 
 def load_config(overrides: Sequence[str], conf_dir: Path | None = None) -> DictConfig:
