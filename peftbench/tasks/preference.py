@@ -5,6 +5,8 @@ chosen response is the article's own headline, the rejected one the headline of 
 section (the next article of that section, in content-hash order, within the same split). Articles are
 split first (dedupe + content hash, `splits.py`), so no article or headline crosses splits. Any local file or
 HF dataset with `prompt` / `chosen` / `rejected` columns works too (`pairing: columns`, or `auto`).
+`PairTask` holds that data part (pairs, splits, tokenization, the collator); `PreferenceTask` adds DPO, and
+the reward-model task (`reward_model.py`) a Bradley-Terry objective on the same pairs.
 
 The reference model is the one `run.py` hands over with `use_reference`: the same model with the method's
 adapters disabled (no second copy of the weights). Methods that train the base weights in place (full,
@@ -57,11 +59,12 @@ class PreferencePair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    margin: float = 0.0  # how much better chosen is than rejected, when the data say (reward models)
 
 
 class PreferenceCollator:
     """A batch of B pairs as 2B right-padded rows: rows [0, B) are prompt + chosen, rows [B, 2B) prompt +
-    rejected; `labels` is -100 on prompt and padding; `pairs` = B."""
+    rejected; `labels` is -100 on prompt and padding; `pairs` = B; `margins` the B pairs' margins."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -77,6 +80,7 @@ class PreferenceCollator:
             "attention_mask": _pad([[1] * len(row) for row in full], 0, left=False),
             "labels": _pad(labels, IGNORE_INDEX, left=False),
             "pairs": len(examples),
+            "margins": torch.tensor([ex.margin for ex in examples], dtype=torch.float32),
         }
 
 
@@ -100,8 +104,9 @@ def same_group_pairs(rows: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, 
 
 
 @dataclass(kw_only=True, eq=False)
-class PreferenceTask(DataTask):
-    """DPO on preference pairs.
+class PairTask(DataTask):
+    """The data of a task on preference pairs: pairs built or read, split over prompts, tokenized, collated
+    as 2B rows (chosen first). Subclasses add the objective and metrics (`PreferenceTask`: DPO).
 
     Args (besides `DataTask`'s: name, dataset, data_files, subset, hf_split, split, eval_batch_size, probe;
     here `split` is over sources / prompts and `eval_batch_size` counts pairs):
@@ -110,16 +115,13 @@ class PreferenceTask(DataTask):
             the data has the chosen and rejected columns).
         source_column, target_column, group_column: for `same_group`.
         prompt_column, chosen_column, rejected_column: for `columns`.
-        beta: the DPO temperature (paper default 0.1).
         max_source_tokens: the source (or the prompt, for `columns`) is cut to this many tokens.
         max_target_tokens: each response is cut to this many tokens, EOS included.
         prompt: for `same_group`, the user prompt around `{source}`.
     """
 
-    primary_metric: ClassVar[str] = "reward_accuracy"
     default_split: ClassVar[dict[str, Any]] = {"val": 32, "test": 128}
 
-    name: str = "preference"
     pairing: str = "auto"
     source_column: str = "text"
     target_column: str = "title"
@@ -127,7 +129,6 @@ class PreferenceTask(DataTask):
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
-    beta: float = 0.1
     max_source_tokens: int = 128
     max_target_tokens: int = 32
     prompt: str = DEFAULT_PROMPT
@@ -146,15 +147,17 @@ class PreferenceTask(DataTask):
             "chosen": self.chosen_column,
             "rejected": self.rejected_column,
         }
-        self.beta = positive_float("beta", self.beta)
         positive_int("max_source_tokens", self.max_source_tokens)
         positive_int("max_target_tokens", self.max_target_tokens)
         check_template(self.prompt, "source", ["source"])
-        self.reference_kind = "unset"
-        self._model: torch.nn.Module | None = None
-        self._reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None
-        self._frozen: torch.nn.Module | None = None
-        self._cache: tuple[Any, DPOOutput, torch.Tensor, torch.Tensor] | None = None
+
+    def extra_columns(self) -> dict[str, str]:
+        """More `{record key: column}` read with `pairing: columns` (a subclass's, e.g. a margin); none."""
+        return {}
+
+    def pair_margin(self, record: Mapping[str, str]) -> float:
+        """The margin of one pair record (from `extra_columns`); 0 unless a subclass reads one."""
+        return 0.0
 
     # ---- data -----------------------------------------------------------------------------------------
     def _pairs(self) -> tuple[dict[str, list[dict[str, str]]], dict[str, int], str]:
@@ -166,7 +169,7 @@ class PreferenceTask(DataTask):
             pairing = "columns" if has_pairs else "same_group"
         stats = raw.counts()
         if pairing == "columns":
-            records, n_empty = map_columns(raw, self.pair_columns)
+            records, n_empty = map_columns(raw, self.pair_columns | self.extra_columns())
             splits = split_records(records, key=lambda r: r["prompt"], **self.split)
             stats |= {"empty_dropped": n_empty, "duplicates_dropped": splits.n_duplicates}
             return splits.parts(), stats, pairing
@@ -210,12 +213,39 @@ class PreferenceTask(DataTask):
                 for side in ("chosen", "rejected")
             )
             self._data[part] = [
-                PreferencePair(c.prompt_ids, c.target_ids, r.target_ids)
-                for c, r in zip(chosen, rejected, strict=True)
+                PreferencePair(c.prompt_ids, c.target_ids, r.target_ids, self.pair_margin(row))
+                for c, r, row in zip(chosen, rejected, rows, strict=True)
             ]
         self.forgetting.setup(tokenizer)
         self.stats = {**stats, **self.split_sizes()}
         log.info("%s: %s", self.name, self.stats)
+
+    def collator(self, train: bool) -> Collate:
+        """B pairs as 2B right-padded rows (chosen rows first); `batch_size` counts pairs."""
+        return PreferenceCollator(pad_token_id(self._tokenizer))
+
+
+@dataclass(kw_only=True, eq=False)
+class PreferenceTask(PairTask):
+    """DPO on preference pairs (`PairTask`'s data).
+
+    Args (besides `PairTask`'s):
+        beta: the DPO temperature (paper default 0.1).
+    """
+
+    primary_metric: ClassVar[str] = "reward_accuracy"
+
+    name: str = "preference"
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.beta = positive_float("beta", self.beta)
+        self.reference_kind = "unset"
+        self._model: torch.nn.Module | None = None
+        self._reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None
+        self._frozen: torch.nn.Module | None = None
+        self._cache: tuple[Any, DPOOutput, torch.Tensor, torch.Tensor] | None = None
 
     def head(self, model: torch.nn.Module) -> None:
         """No head; checks the model is a causal LM and remembers it (for a frozen reference copy)."""
@@ -253,10 +283,6 @@ class PreferenceTask(DataTask):
             if self._frozen is not None and next(self._frozen.parameters()).device != device:
                 self._frozen.to(device)  # Lightning moved the policy, not this copy
             yield model
-
-    def collator(self, train: bool) -> Collate:
-        """B pairs as 2B right-padded rows (chosen rows first); `batch_size` counts pairs."""
-        return PreferenceCollator(pad_token_id(self._tokenizer))
 
     # ---- objective and metrics -----------------------------------------------------------------------
     def _dpo(self, model: torch.nn.Module, batch: Batch) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
