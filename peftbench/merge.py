@@ -1,6 +1,11 @@
 """Merge: a run's adapter folded into its base, saved as a plain transformers model with its tokenizer.
 
     python -m peftbench.merge <run dir | adapter dir> --out DIR [--model KEY=VALUE ...]
+    python -m peftbench.merge RUN_A RUN_B [...] --how task_arithmetic|ties|dare_linear|dare_ties|cat
+        [--weights W ...] [--density D] [--scale S] [--rank R] [--seed N] --out DIR
+
+Several runs (or ``--how`` with one): `peftbench.merge_several` (task vectors combined, then a plain model,
+a rank-R LoRA or a concatenated LoRA). One run without ``--how``: folded into its base as below.
 
 The base is rebuilt from the run's own `model` config (`peftbench.saved_run`; ``--model name_or_path=...``
 points at a moved base), the adapter loaded, and every adapter layer folded into a plain layer
@@ -92,11 +97,51 @@ def save_merged(model: nn.Module, tokenizer: Any, out: str | Path, provenance: d
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    from peftbench.commands import run_dir_parser
+    from peftbench.commands import OneLineParser, add_model_overrides
 
-    parser = run_dir_parser("python -m peftbench.merge", __doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m peftbench.merge", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", type=Path, nargs="+", help="run directories (or adapter directories)")
+    add_model_overrides(parser)
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged model")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--how", default=None, help="several runs: task_arithmetic, ties, dare_linear, dare_ties or cat"
+    )
+    parser.add_argument("--weights", type=float, nargs="+", default=None, help="one per run (default 1)")
+    parser.add_argument("--density", type=float, default=None, help="ties / dare_*: fraction kept")
+    parser.add_argument("--scale", type=float, default=1.0, help="lambda: W = W0 + lambda * merged")
+    parser.add_argument("--rank", type=int, default=None, help="write a rank-R LoRA (truncated SVD)")
+    parser.add_argument("--seed", type=int, default=0, help="DARE's drop seed")
+    args = parser.parse_args(argv)
+    args.path = args.paths[0]
+    return args
+
+
+def main_several(args: Any) -> int:
+    from peftbench.commands import fail
+    from peftbench.files import check_out
+    from peftbench.merge_several import check_plan, merge_several
+
+    try:
+        if args.how is None:
+            raise ConfigError(
+                f"{len(args.paths)} runs need --how; accepted: task_arithmetic, ties, dare_linear, "
+                "dare_ties, cat"
+            )
+        plan = check_plan(
+            [str(p) for p in args.paths],
+            args.how,
+            args.weights,
+            args.density,
+            args.scale,
+            args.seed,
+            args.rank,
+            args.model_overrides,
+        )
+        check_out(args.out, PROVENANCE)
+        merge_several(plan, args.out)
+    except ConfigError as err:
+        return fail(err)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     from peftbench.saved_run import load_adapted, locate
 
     args = parse_args(argv)
+    several = ("how", "weights", "density", "rank")
+    if len(args.paths) > 1 or any(getattr(args, k) is not None for k in several) or args.scale != 1.0:
+        return main_several(args)
     try:
         saved = locate(args.path, args.model_overrides)
         method = read_method(saved.adapter)
