@@ -99,11 +99,30 @@ def attach_task(cfg: DictConfig, base: Built, task: Any) -> Built:
     return _ready(cfg, Built(base.model, base.tokenizer, base.method, task, head, base.base_total))
 
 
+def check_modalities(model: nn.Module, task: Any) -> None:
+    """A one-line ConfigError when the model and the task disagree about images (their `takes_images`
+    capabilities): an image model with a text-only task, a text model with an image task."""
+    from peftbench.errors import ConfigError
+    from peftbench.models.multimodal import takes_images
+
+    if takes_images(model) and not getattr(task, "takes_images", False):
+        raise ConfigError(
+            f"task={task.name!r} has no images but the model is an image model ({type(model).__name__}); "
+            "accepted: an image task (task=scenes) or a text model (e.g. model=smollm2_135m)"
+        )
+    if getattr(task, "takes_images", False) and not takes_images(model):
+        raise ConfigError(
+            f"task={task.name!r} needs an image model; {type(model).__name__} takes no images; accepted: "
+            "model=vision_smollm2 (or model.name_or_path=<a local LLaVA directory>)"
+        )
+
+
 def _ready(cfg: DictConfig, built: Built) -> Built:
     from peftbench.tasks.checks import check_enough_training_data
     from peftbench.validation import processes
 
     task = built.task
+    check_modalities(built.model, task)
     check_enough_training_data(task.name, task.split_sizes()["train"], cfg.batch_size, processes(cfg.trainer))
     task.use_reference(lambda: built.method.disabled(built.model))
     return built

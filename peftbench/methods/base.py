@@ -87,19 +87,32 @@ class PeftMethod:
     def apply(self, model: nn.Module, head: nn.Module | None = None) -> nn.Module:
         """Validate, freeze the base, attach the adapters, and mark exactly the trainable parameters.
 
-        `head` is a task head (e.g. a classifier) that trains alongside the method's parameters.
+        `head` is a task head (e.g. a classifier) that trains alongside the method's parameters. An image +
+        text model is adapted in its language model only (`walker.adapted_part`); its projector trains
+        beside the method like a head, and its freeze switches have the last word
+        (peftbench/models/multimodal.py).
         """
+        from peftbench.methods.walker import adapted_part
+
         self.validate()
         freeze(model)
-        self.attach(model)
-        for _, param in self.trainable_parameters(model):
-            param.requires_grad_(True)
-        if head is not None:
-            for param in head.parameters():
-                param.requires_grad_(True)
+        self.attach(adapted_part(model))
+        self.mark_trainable(model, head)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"method={self.name!r} found no parameter to train in this model")
         return model
+
+    def mark_trainable(self, model: nn.Module, head: nn.Module | None = None) -> None:
+        """Make the method's parameters (in the adapted part), `head` and what the model trains beside the
+        method trainable, then apply the model's freeze switches (an image model's)."""
+        from peftbench.methods.walker import adapted_part, apply_model_switches, trained_beside
+
+        for _, param in self.trainable_parameters(adapted_part(model)):
+            param.requires_grad_(True)
+        for module in [head, *trained_beside(model)]:
+            if module is not None:
+                module.requires_grad_(True)
+        apply_model_switches(model)
 
     # ----- training -------------------------------------------------------------------------------
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:

