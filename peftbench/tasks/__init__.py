@@ -11,6 +11,7 @@ from peftbench.tasks.base import Task
 from peftbench.tasks.classification import ClassificationTask
 from peftbench.tasks.dialogue import DialogueTask
 from peftbench.tasks.instruction import InstructionTask
+from peftbench.tasks.mixture import MixtureTask
 from peftbench.tasks.preference import PreferenceTask
 from peftbench.tasks.scenes import ScenesTask
 from peftbench.tasks.summarization import SummarizationTask
@@ -21,6 +22,7 @@ TASKS: dict[str, type] = {
     "topic_classification": ClassificationTask,  # the same class; conf/task/topic_classification.yaml
     "instruction": InstructionTask,
     "preference": PreferenceTask,
+    "mixture": MixtureTask,  # the union of several tasks (conf/task/mixture.yaml)
     "dialogue": DialogueTask,
     "scenes": ScenesTask,  # images: conf/task/scenes.yaml, needs an image model (model=vision_smollm2)
 }
@@ -57,6 +59,7 @@ __all__ = [
     "ClassificationTask",
     "DialogueTask",
     "InstructionTask",
+    "MixtureTask",
     "PreferenceTask",
     "ScenesTask",
     "SummarizationTask",
