@@ -177,12 +177,22 @@ def check_stepping_task(task: Any, trainer: Any) -> None:
     update it makes: gradient accumulation over batches does not apply (Lightning refuses it too)."""
     from peftbench.tasks.stepping import steps_optimizer_itself
 
+    if not steps_optimizer_itself(task):
+        return
     accumulate = trainer.get("accumulate_grad_batches", 1)
-    if steps_optimizer_itself(task) and accumulate != 1:
+    if accumulate != 1:
         raise bad_value(
             "trainer.accumulate_grad_batches",
             accumulate,
             f"1 for task {task.name!r} (it steps the optimizer itself; use its minibatches instead)",
+        )
+    per_batch = int(getattr(task, "optimizer_steps_per_batch", 1))
+    steps = trainer.get("max_steps", -1)
+    if steps != -1 and steps % per_batch:
+        raise bad_value(
+            "trainer.max_steps",
+            steps,
+            f"a multiple of {per_batch} (task {task.name!r} takes {per_batch} optimizer steps per batch)",
         )
 
 

@@ -13,6 +13,7 @@ from peftbench.tasks.dialogue import DialogueTask
 from peftbench.tasks.instruction import InstructionTask
 from peftbench.tasks.mixture import MixtureTask
 from peftbench.tasks.preference import PreferenceTask
+from peftbench.tasks.reinforce import ReinforceTask
 from peftbench.tasks.scenes import ScenesTask
 from peftbench.tasks.summarization import SummarizationTask
 
@@ -22,6 +23,9 @@ TASKS: dict[str, type] = {
     "topic_classification": ClassificationTask,  # the same class; conf/task/topic_classification.yaml
     "instruction": InstructionTask,
     "preference": PreferenceTask,
+    "grpo": ReinforceTask,  # RL from feedback: one class, three configs (conf/task/grpo|rloo|ppo.yaml)
+    "rloo": ReinforceTask,
+    "ppo": ReinforceTask,
     "mixture": MixtureTask,  # the union of several tasks (conf/task/mixture.yaml)
     "dialogue": DialogueTask,
     "scenes": ScenesTask,  # images: conf/task/scenes.yaml, needs an image model (model=vision_smollm2)
@@ -61,6 +65,7 @@ __all__ = [
     "InstructionTask",
     "MixtureTask",
     "PreferenceTask",
+    "ReinforceTask",
     "ScenesTask",
     "SummarizationTask",
     "Task",
