@@ -30,6 +30,8 @@ def print_summary(record: Record, console: Console | None = None) -> None:
     table.add_row("test/loss", f"{metrics.get('test/loss', float('nan')):.4f}")
     params = record.params
     table.add_row("trainable parameters", f"{params.trainable:,} ({params.trainable_percent:.3f}% of base)")
+    if params.projector_trainable:
+        table.add_row("  of which the projector", f"{params.projector_trainable:,}")
     table.add_row("base weights modified", "yes" if params.base_modified else "no")
     table.add_row("adapter file", _mib(params.adapter_bytes))
     table.add_row("peak memory (training)", _mib(record.memory.peak_train_bytes))

@@ -41,6 +41,7 @@ class Params:
     weight_bytes: int | None = None
     base_modified: bool | None = None
     head_trainable: int | None = None  # a task head's trainable parameters (a classifier), in `trainable`
+    projector_trainable: int | None = None  # an image model's trainable projector, in `trainable`
     adapter_bytes: int | None = None
     peft_adapter: str | None = None  # the adapter in HF PEFT's format, where the method has one
 

@@ -82,6 +82,8 @@ def train(
         **parameter_report(model, base_total=built.base_total),
         "base_modified": method.modifies_base,
         "head_trainable": count_parameters(head, trainable_only=True) if head is not None else 0,
+        # an image model's projector trains beside the method (peftbench/models/multimodal.py)
+        "projector_trainable": getattr(model, "projector_parameters", lambda: None)(),
     }
     if resume is not None:
         check_adapter(resume, method, model)
