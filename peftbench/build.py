@@ -96,6 +96,10 @@ def attach_task(cfg: DictConfig, base: Built, task: Any) -> Built:
     head = task.head(base.model)
     if head is not None:
         head.requires_grad_(True)
+    set_switches = getattr(base.model, "set_freeze_switches", None)
+    if callable(set_switches):  # an image model: this stage's freeze switches (stages[k].freeze)
+        set_switches(cfg.model.get("vision") or {})
+        base.method.mark_trainable(base.model, head)
     return _ready(cfg, Built(base.model, base.tokenizer, base.method, task, head, base.base_total))
 
 

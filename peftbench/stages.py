@@ -13,6 +13,7 @@ sets them):
         max_steps: 30                    # this stage's trainer.max_steps (optional)
         lr: 1.0e-3                       # this stage's optim.lr (optional)
         name: sentiment                  # unique label (optional; default: the task config's name)
+        freeze: {freeze_language_model: true}   # an image model's freeze switches in this stage (optional)
       - task: summarization
 
 After each stage its own task is tested (`stages[k].metrics`, `test_before/*` being the model as the stage
@@ -50,7 +51,9 @@ from peftbench.record import Forgetting, History, Record, StageResult, from_plai
 
 log = logging.getLogger(__name__)
 
-STAGE_KEYS = ("task", "name", "task_overrides", "max_steps", "lr")
+STAGE_KEYS = ("task", "name", "task_overrides", "max_steps", "lr", "freeze")
+#: what a stage's `freeze` may set: an image model's switches (`model.vision`, models/multimodal.py)
+FREEZE_KEYS = ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")
 STATE_FILE = "stages.json"
 STAGES_DIR = "stages"
 
@@ -69,6 +72,7 @@ class Stage:
     task_overrides: dict[str, Any]
     max_steps: int | None
     lr: float | None
+    freeze: dict[str, bool] | None = None
 
 
 # ----- the plan ------------------------------------------------------------------------------------------
@@ -116,7 +120,14 @@ def parse_stages(value: Any, conf_dir: Path | None = None) -> list[Stage]:
                 f"{where}.name={name!r} is already used by an earlier stage; accepted: a unique name "
                 f"per stage (set stages[{i}].name)"
             )
-        stages.append(Stage(name, task, overrides, steps, None if lr is None else float(lr)))
+        freeze = entry.get("freeze")
+        if freeze is not None and (
+            not isinstance(freeze, dict)
+            or set(freeze) - set(FREEZE_KEYS)
+            or not all(isinstance(v, bool) for v in freeze.values())
+        ):
+            raise bad_value(f"{where}.freeze", freeze, f"a mapping of {', '.join(FREEZE_KEYS)} to true/false")
+        stages.append(Stage(name, task, overrides, steps, None if lr is None else float(lr), freeze))
     return stages
 
 
@@ -137,6 +148,14 @@ def stage_config(cfg: DictConfig, stage: Stage, conf_dir: Path | None = None) ->
         out.trainer.max_steps = stage.max_steps
     if stage.lr is not None:
         out.optim.lr = stage.lr
+    if stage.freeze:  # the model is built once; its switches change per stage (build.attach_task)
+        if out.model.get("vision") is None:
+            raise ConfigError(
+                f"stages: {stage.name}.freeze needs an image model; accepted: a model with model.vision "
+                "(model=vision_smollm2, or model.vision={} for a LLaVA directory)"
+            )
+        for key, value in stage.freeze.items():
+            out.model.vision[key] = value
     out.save_adapter = True  # a finished stage's adapter is where a resumed run starts the next one
     return out
 
@@ -174,6 +193,7 @@ def plan_fingerprint(cfg: DictConfig, stages: Sequence[Stage], configs: Sequence
             "task": OmegaConf.to_container(c.task, resolve=True),
             "max_steps": c.trainer.max_steps,
             "lr": c.optim.lr,
+            **({"freeze": stage.freeze} if stage.freeze else {}),
         }
         for stage, c in zip(stages, configs, strict=True)
     ]

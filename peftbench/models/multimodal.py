@@ -175,6 +175,13 @@ class ImageTextModel(nn.Module):
         if self.switches.freeze_language_model:
             self.language_model.requires_grad_(False)
 
+    def set_freeze_switches(self, values: Mapping[str, Any]) -> None:
+        """New freeze switches (a stage's, `stages[k].freeze`), from a `model.vision` mapping; applied by
+        the method's `mark_trainable`."""
+        self.switches = FreezeSwitches.from_mapping(
+            {f.name: values.get(f.name, getattr(self.switches, f.name)) for f in fields(FreezeSwitches)}
+        )
+
     def projector_parameters(self) -> int:
         """Trainable parameters on the image side (reported apart from the method's)."""
         from peftbench.models.params import count_parameters
@@ -253,6 +260,13 @@ class VisionLanguageModel(ImageTextModel):
 
     def side_modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "projector": self.projector}
+
+    def set_freeze_switches(self, values: Mapping[str, Any]) -> None:
+        super().set_freeze_switches(values)
+        if not self.switches.freeze_vision_tower:
+            raise bad_value(
+                "model.vision.freeze_vision_tower", False, "true (EfficientNet-Lite0 stays frozen: cached)"
+            )
 
     def trained_beside(self) -> list[nn.Module]:
         return [] if self.switches.freeze_multi_modal_projector else [self.projector]
