@@ -156,6 +156,9 @@ def train(
         adapter_bytes = adapter_path.stat().st_size
         # the same adapter in HF PEFT's format, where the method has one (peftbench/export.py)
         peft_adapter = export_after_training(model, method, adapter_path.parent)
+        save_task_files = getattr(task, "save_with_adapter", None)
+        if save_task_files is not None:  # a task's own files beside the adapter (a reward model's)
+            save_task_files(adapter_path.parent)
     timings.train_step_s = module.train_seconds / max(1, len(module.loss_history))
     timings.total_s = time.perf_counter() - started
     record = Record(

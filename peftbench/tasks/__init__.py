@@ -13,6 +13,7 @@ from peftbench.tasks.dialogue import DialogueTask
 from peftbench.tasks.instruction import InstructionTask
 from peftbench.tasks.mixture import MixtureTask
 from peftbench.tasks.preference import PreferenceTask
+from peftbench.tasks.reward_model import RewardModelTask
 from peftbench.tasks.reinforce import ReinforceTask
 from peftbench.tasks.scenes import ScenesTask
 from peftbench.tasks.summarization import SummarizationTask
@@ -23,6 +24,7 @@ TASKS: dict[str, type] = {
     "topic_classification": ClassificationTask,  # the same class; conf/task/topic_classification.yaml
     "instruction": InstructionTask,
     "preference": PreferenceTask,
+    "reward_model": RewardModelTask,  # Bradley-Terry on the preference pairs; a run can serve as a reward
     "grpo": ReinforceTask,  # RL from feedback: one class, three configs (conf/task/grpo|rloo|ppo.yaml)
     "rloo": ReinforceTask,
     "ppo": ReinforceTask,
@@ -65,6 +67,7 @@ __all__ = [
     "InstructionTask",
     "MixtureTask",
     "PreferenceTask",
+    "RewardModelTask",
     "ReinforceTask",
     "ScenesTask",
     "SummarizationTask",

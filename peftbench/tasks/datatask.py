@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -117,6 +118,10 @@ class DataTask:
 
     def use_reference(self, reference: Any) -> None:
         """Most objectives need no reference model (DPO does: `preference.py`)."""
+
+    def save_with_adapter(self, directory: Path) -> None:
+        """Write the task's own files beside the saved adapter (`train.py`, after `save_adapter`); most
+        tasks have none (a reward model writes what loading it as a reward needs: `reward_model.py`)."""
 
     def aggregate(self, outputs: Mapping[str, Sequence[Any]]) -> dict[str, float]:
         """The pass's metrics: the mean of each per-example list (`base.mean_metrics`)."""
