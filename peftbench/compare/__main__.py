@@ -51,7 +51,7 @@ def print_table(summary: StudySummary, console: Console | None = None) -> None:
     console = console or Console()
     head, rows = main_table(summary)
     if console.width < 180:
-        keep = [i for i, h in enumerate(head) if i in (0, 1, 2, 3) or h in COMPACT]
+        keep = [i for i, h in enumerate(head) if i in (0, 1, 2, 3) or h.split(" [")[0] in COMPACT]
         head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
     console.print(Markdown(f"# {summary.study}: {summary.metric}\n\n" + md_table(head, rows)))
 

@@ -18,6 +18,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from peftbench.compare.environments import ENV_COSTS
 from peftbench.compare.table import COSTS, MethodRow, StudySummary, as_records
 from peftbench.record import Record
 
@@ -127,7 +128,10 @@ def pareto_figure(summary: StudySummary, cost: str) -> Figure:
     ax.set_xlabel(label + (" (log)" if ax.get_xscale() == "log" else ""))
     arrow = "higher is better" if summary.higher_is_better else "lower is better"
     ax.set_ylabel(f"{summary.metric} ({arrow})")
-    ax.set_title(f"{summary.metric} vs {label.split(' (')[0]}")
+    where = ""
+    if cost in ENV_COSTS and summary.mixed_environments:  # time and memory: one environment only
+        where = f" [{summary.environments[0]['id']} only]"
+    ax.set_title(f"{summary.metric} vs {label.split(' (')[0]}{where}")
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.08)  # room for the labels
     if not rows:

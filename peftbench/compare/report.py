@@ -7,13 +7,16 @@ import html
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from peftbench.budget import budget_statement
+from peftbench.compare.claims import ClaimResult, thresholds_note
+from peftbench.compare.memory_split import split_note
 from peftbench.compare.plots import write_plots
 from peftbench.compare.stats import Estimate, PairedTest
-from peftbench.compare.table import StudySummary
+from peftbench.compare.table import MethodRow, StudySummary
 from peftbench.files import atomic_write_json
 from peftbench.record import Record
 
@@ -99,9 +102,47 @@ def fmt_config(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={str(v)[:40]}" for k, v in config.items() if k != "name") or "-"
 
 
+LOADED_MARK = "†"
+#: the time and memory columns: (header, environment cost name, formatter)
+ENV_COLUMNS = (
+    ("peak memory", "peak_memory_bytes", fmt_bytes),
+    ("time/step", "step_s", fmt_seconds),
+    ("tokens/s", "tokens_per_s", lambda v: "-" if v is None else f"{v:,.0f}"),
+)
+
+
+def env_ids(s: StudySummary) -> list[str | None]:
+    """The environment columns: one per environment when the runs ran in several, else one (None)."""
+    return [e["id"] for e in s.environments] if s.mixed_environments else [None]
+
+
+def env_cell(row: MethodRow, env: str | None, name: str, fmt: Callable[[Any], str]) -> str:
+    """A time or memory figure of one environment (the row's own value when there is only one), marked
+    with † when one of its runs started under load (load average > cores)."""
+    costs = row.costs_by_env.get(env, {}) if env else {}
+    value = costs.get(name) if env else getattr(row, name)
+    loaded = costs.get("loaded") if env else sum(c.get("loaded", 0) for c in row.costs_by_env.values())
+    if value is None:
+        return "-"
+    return fmt(value) + (f" {LOADED_MARK}" if loaded else "")
+
+
+def env_columns(s: StudySummary) -> tuple[list[str], list[list[str]]]:
+    """Time and memory headers and cells, split per environment ([E1], [E2], ...) when mixed."""
+    head, cells = [], [[] for _ in s.rows]
+    for label, name, fmt in ENV_COLUMNS:
+        for env in env_ids(s):
+            head.append(label if env is None else f"{label} [{env}]")
+            for row, out in zip(s.rows, cells, strict=True):
+                out.append(env_cell(row, env, name, fmt))
+    return head, cells
+
+
 def main_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
-    """The headline table: one row per method, best score first."""
+    """The headline table: one row per method, best score first. Time and memory get one column per
+    environment when the runs ran in several (never one column over machines)."""
     before = s.metric.replace("test/", "test_before/", 1)
+    env_head, env_cells = env_columns(s)
     head = [
         "method",
         "seeds ok/failed",
@@ -111,13 +152,11 @@ def main_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
         "trainable (% of base)",
         "adapter on disk",
         "base modified",
-        "peak memory",
-        "time/step",
-        "tokens/s",
+        *env_head,
         "Pareto front",
     ]
     rows = []
-    for r in s.rows:
+    for r, costs in zip(s.rows, env_cells, strict=True):
         pct = f" ({r.trainable_percent:.3g}%)" if r.trainable_percent is not None else ""
         modified = "-" if r.base_modified is None else ("yes" if r.base_modified else "no")
         fronts = ", ".join(FRONT_NAMES[k] for k, on in r.on_front.items() if on) or "-"
@@ -131,9 +170,7 @@ def main_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
                 fmt_count(r.trainable) + pct,
                 fmt_bytes(r.adapter_bytes),
                 modified,
-                fmt_bytes(r.peak_memory_bytes),
-                fmt_seconds(r.step_s),
-                "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
+                *costs,
                 fronts,
             ]
         )
@@ -143,7 +180,8 @@ def main_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
 def metrics_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
     """Every test metric (mean ± 95% CI) plus the budget each method actually used."""
     keys = sorted({k for r in s.rows for k in r.metrics})
-    head = ["method", *keys, "steps", "train tokens", "lr", "wall time/run", "method config"]
+    wall = "wall time/run" + (f" [{s.environments[0]['id']}]" if s.mixed_environments else "")
+    head = ["method", *keys, "steps", "train tokens", "lr", wall, "method config"]
     rows = [
         [
             r.method,
@@ -189,10 +227,33 @@ def environment_lines(s: StudySummary) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in e["versions"].items() if v and v != "None")
     commits = ", ".join(str(c)[:10] for c in e["git_commits"]) or "-"
     return [
+        *environment_key_lines(s),
         f"Devices: {', '.join(map(str, e['devices'])) or '-'}; hosts: {', '.join(e['hosts']) or '-'}.",
         f"Versions: {versions or '-'}.",
         f"Git commits: {commits}.",
     ]
+
+
+def environment_key_lines(s: StudySummary) -> list[str]:
+    """One line per environment (CPU model, native bf16, threads, GPU), the loaded runs, and what the
+    report does when there are several."""
+    lines = []
+    for e in s.environments:
+        load = f"{e['loaded_runs']} started under load ({LOADED_MARK})"
+        if e["load_unknown_runs"]:
+            load += f", {e['load_unknown_runs']} without a recorded load"
+        lines.append(f"{e['id']}: {e['description']}; {e['runs']} ok run(s), {load}.")
+    if s.mixed_environments:
+        lines.append(
+            f"The runs ran in {len(s.environments)} environments: every time and memory column is split "
+            f"per environment; the time and memory Pareto fronts and plots use {s.environments[0]['id']}'s "
+            "figures only (methods without a run there are left off them)."
+        )
+    lines.append(
+        f"{LOADED_MARK}: at least one of the runs behind the figure started with a 1-minute load average "
+        "above the cores (other work was running): its time is an upper bound."
+    )
+    return lines
 
 
 def _intro(s: StudySummary) -> str:
@@ -204,6 +265,26 @@ def _intro(s: StudySummary) -> str:
         "best first; 'Pareto front' names the cost axes on which no other method is both cheaper and "
         "better."
     )
+
+
+def claims_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
+    """Each paper's headline claim: the test and its threshold, the effect with its 95% CI, the verdict."""
+    head = ["claim", "paper", "test (threshold)", "effect [95% CI]", "paired seeds", "verdict", "notes"]
+    rows = []
+    for c in s.claims:
+        result = ClaimResult(**c)
+        rows.append(
+            [
+                c["claim"],
+                c["paper"],
+                c["test"],
+                result.estimate(),
+                str(c["n"]),
+                c["verdict"],
+                c["detail"] or "-",
+            ]
+        )
+    return head, rows
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -221,11 +302,22 @@ def failed_rows(s: StudySummary) -> list[list[str]]:
     ]
 
 
+CLAIMS_INTRO = (
+    "Each paper's headline claim, tested on this study's runs against LoRA (paired by seed) at this "
+    "study's scale: a verdict at this budget and model, not a verdict on the paper."
+)
+
+
 def render_markdown(s: StudySummary, plots: dict[str, Path], out_dir: Path) -> str:
     parts = [
         f"# Comparison: {s.study}",
         _intro(s),
         md_table(*main_table(s)),
+        "## Claims",
+        CLAIMS_INTRO,
+        md_table(*claims_table(s)),
+        thresholds_note(),
+        split_note(),
         "## Budget",
         "\n".join(f"- {line}" for line in budget_lines(s)),
         "## Plots",
@@ -275,6 +367,8 @@ def render_html(s: StudySummary, plots: dict[str, Path]) -> str:
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>peftbench: '
         f"{html.escape(s.study)}</title><style>{CSS}</style></head><body>"
         f"<h1>Comparison: {html.escape(s.study)}</h1><p>{intro}</p>{_html_table(*main_table(s))}"
+        f"<h2>Claims</h2><p>{html.escape(CLAIMS_INTRO)}</p>{_html_table(*claims_table(s))}"
+        f"<p>{html.escape(thresholds_note())}</p><p>{html.escape(split_note())}</p>"
         f"<h2>Budget</h2>{lists['budget']}<h2>Plots</h2>{figs}<h2>All test metrics</h2>"
         f"{_html_table(*metrics_table(s))}<h2>Failed runs</h2>{failed}<h2>Environment</h2>{lists['env']}"
         "</body></html>\n"

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from peftbench.budget import param_budget
+from peftbench.compare.claims import evaluate_claims
+from peftbench.compare.environments import ENV_COSTS, costs_by_env, study_environments
 from peftbench.compare.stats import Estimate, PairedTest, mean_ci, paired_test, pareto_front
 from peftbench.errors import ConfigError, bad_value, is_number
 from peftbench.record import Record, load_record, read_records
@@ -24,7 +26,9 @@ COSTS = {
 
 @dataclass
 class MethodRow:
-    """One method's aggregate over its seeds. Cost columns are seed means (None when not recorded)."""
+    """One method's aggregate over its seeds. Cost columns are seed means (None when not recorded); time
+    and memory (`ENV_COSTS`) are those of the study's reference environment E1 when its runs ran in more
+    than one environment (compare/environments.py), each environment's in `costs_by_env`."""
 
     method: str
     seeds_ok: list[int]
@@ -46,6 +50,8 @@ class MethodRow:
     lr: float | None = None
     method_config: dict[str, Any] = field(default_factory=dict)
     on_front: dict[str, bool] = field(default_factory=dict)
+    envs: list[str] = field(default_factory=list)  # environment ids of its ok runs
+    costs_by_env: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +66,13 @@ class StudySummary:
     failed: list[dict[str, Any]]
     budget: dict[str, Any]
     environment: dict[str, Any]
+    environments: list[dict[str, Any]] = field(default_factory=list)  # E1 (most runs) first
+    claims: list[dict[str, Any]] = field(default_factory=list)  # compare/claims.py, ClaimResult.to_dict()
+
+    @property
+    def mixed_environments(self) -> bool:
+        """The ok runs ran in more than one environment: time and memory are split per environment."""
+        return len(self.environments) > 1
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -223,10 +236,18 @@ def summarize(
     for r in records:
         if not r.ok:
             failed_seeds[str(r.method)].append(r.seed)  # type: ignore[arg-type]
-    rows = []
+    envs, run_env = study_environments(records)
+    rows, by_method = [], {}
     for method in sorted(set(methods) | set(failed_seeds)):
-        by_seed = _latest_per_seed([r for r in ok if r.method == method])
-        rows.append(_row(method, by_seed, failed_seeds.get(method, []), metric))
+        by_seed = by_method[method] = _latest_per_seed([r for r in ok if r.method == method])
+        row = _row(method, by_seed, failed_seeds.get(method, []), metric)
+        row.costs_by_env = costs_by_env(list(by_seed.values()), run_env)
+        row.envs = list(row.costs_by_env)
+        if len(envs) > 1:  # never average time or memory over environments: E1's figures, or none
+            reference = row.costs_by_env.get(envs[0].id, {})
+            for name in ENV_COSTS:
+                setattr(row, name, reference.get(name))
+        rows.append(row)
     _add_deltas(rows, baseline, metric, ok)
     up = higher_is_better(metric)
     for key in COSTS:
@@ -241,7 +262,18 @@ def summarize(
         if not r.ok
     ]
     study = str(records[0].study)
-    return StudySummary(study, metric, up, baseline, rows, failed, budget(records), environment(records))
+    return StudySummary(
+        study,
+        metric,
+        up,
+        baseline,
+        rows,
+        failed,
+        budget(records),
+        environment(records),
+        [e.to_dict() for e in envs],
+        [c.to_dict() for c in evaluate_claims(by_method, metric, up, run_env)],
+    )
 
 
 def _add_deltas(rows: list[MethodRow], baseline: str | None, metric: str, ok: list[Record]) -> None:
