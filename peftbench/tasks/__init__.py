@@ -13,8 +13,8 @@ from peftbench.tasks.dialogue import DialogueTask
 from peftbench.tasks.instruction import InstructionTask
 from peftbench.tasks.mixture import MixtureTask
 from peftbench.tasks.preference import PreferenceTask
-from peftbench.tasks.reward_model import RewardModelTask
 from peftbench.tasks.reinforce import ReinforceTask
+from peftbench.tasks.reward_model import RewardModelTask
 from peftbench.tasks.scenes import ScenesTask
 from peftbench.tasks.summarization import SummarizationTask
 
@@ -67,8 +67,8 @@ __all__ = [
     "InstructionTask",
     "MixtureTask",
     "PreferenceTask",
-    "RewardModelTask",
     "ReinforceTask",
+    "RewardModelTask",
     "ScenesTask",
     "SummarizationTask",
     "Task",
