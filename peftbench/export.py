@@ -11,7 +11,9 @@ exist (default --out: ``<adapter dir>/peft``), rebuilding the run's base and loa
     from peft import PeftModel
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), "<dir>")
 
-A head trained beside the adapter (a classifier's ``score``) goes in as PEFT's ``modules_to_save``.
+A head trained beside the adapter (a classifier's ``score``) goes in as PEFT's ``modules_to_save``. An image
+model's adapter is its language model's (the part the method adapted: load it onto that language model),
+and the image-side tensors that trained (the projector) go beside it in ``projector.safetensors``.
 Bad input is one line on stderr, exit code 2.
 """
 
@@ -68,6 +70,25 @@ def head_parameters(model: nn.Module, trained: Iterable[str]) -> dict[str, dict[
     return {o: dict(model.get_submodule(o).named_parameters()) for o in owners}
 
 
+def split_adapted(
+    model: nn.Module, trained: Iterable[str]
+) -> tuple[nn.Module, list[str], dict[str, torch.Tensor]]:
+    """`(adapted part, its trained names, the other trained tensors)`: for an image model, its language
+    model (`walker.adapted_part`), the names inside it, and the image side's trained tensors (the
+    projector); for a plain model, itself, `trained` and nothing."""
+    from peftbench.methods.walker import adapted_part
+
+    part = adapted_part(model)
+    trained = list(trained)
+    if part is model:
+        return model, trained, {}
+    prefix = next(name for name, module in model.named_modules() if module is part) + "."
+    params = dict(model.named_parameters())
+    inside = [n.removeprefix(prefix) for n in trained if n.startswith(prefix)]
+    side = {n: params[n] for n in trained if not n.startswith(prefix) and n in params}
+    return part, inside, side
+
+
 def peft_payload(
     model: nn.Module, method: PeftMethod, trained: Iterable[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -75,12 +96,13 @@ def peft_payload(
 
     `trained`: names of the parameters that trained (default: those that require grad, as after training;
     give the adapter file's keys for a model rebuilt with `load_adapter`)."""
+    if trained is None:
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    model, trained, _ = split_adapted(model, trained)
     exported = method.peft_export(model)
     if exported is None:
         raise no_peft_form(method)
     config, tensors = dict(exported[0]), dict(exported[1])
-    if trained is None:
-        trained = [n for n, p in model.named_parameters() if p.requires_grad]
     heads = head_parameters(model, trained)
     if heads:
         config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(heads))
@@ -101,12 +123,20 @@ def export_peft(
     from safetensors.torch import save_file
 
     from peftbench.files import atomic_directory
+    from peftbench.models.multimodal import PROJECTOR_FILE, PROJECTOR_PREFIX
 
+    if trained is None:
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    trained = list(trained)
     config, tensors = peft_payload(model, method, trained)
+    side = split_adapted(model, trained)[2]
     # own copies: safetensors refuses tensors that share memory (tied weights, views of one buffer)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     with atomic_directory(directory, marker=PEFT_CONFIG) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        if side:  # an image model's projector, beside its language model's adapter
+            own = {k.removeprefix(PROJECTOR_PREFIX): v.detach().to("cpu", copy=True) for k, v in side.items()}
+            save_file(own, str(tmp / PROJECTOR_FILE), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)
 

@@ -3,6 +3,7 @@
     python -m peftbench.generate <run dir> --prompt "Summarise: ..."
     python -m peftbench.generate --adapter <adapter dir> --file prompts.txt --max-new-tokens 64
     python -m peftbench.generate --model <merged model dir> --prompt "..." --temperature 0.7 --top-p 0.9
+    python -m peftbench.generate <image-model run dir> --image scene.png --prompt "Where is the circle?"
 
 A run or adapter directory: the base is rebuilt from the run's `model` config and the adapter loaded
 (`peftbench.saved_run`; ``--base KEY=VALUE`` overrides that config). ``--model DIR``: a plain transformers
@@ -10,6 +11,7 @@ model, e.g. the output of `peftbench.merge`. Each prompt (``--prompt``, or ``--f
 non-empty line) goes through the tokenizer's chat template as a user turn when it has one (``--no-chat``:
 the raw text; ``--chat`` insists on a template). Decoding is greedy unless ``--temperature`` (> 0) or
 ``--top-p`` ask for sampling (seeded by ``--seed``). With ``--file`` each answer is headed by its prompt.
+``--image FILE``: an image model (model=vision_smollm2, a LLaVA directory) answers each prompt about it.
 Bad input is one line on stderr, exit code 2.
 """
 
@@ -82,6 +84,7 @@ def generate(
     chat: bool | None = None,
     stream: bool = True,
     seed: int = 0,
+    image: str | Path | None = None,
 ) -> list[str]:
     """The model's answer to each prompt (one at a time, so tokens stream as they come), decoded without
     the prompt and special tokens; streamed to stdout with `stream` (each answer under its prompt when
@@ -94,6 +97,7 @@ def generate(
             f"this model ({type(model).__name__}) cannot generate text; accepted: a causal language model "
             "(model.architecture=causal_lm)"
         )
+    extra = image_inputs(model, image)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[str] = []
@@ -106,9 +110,28 @@ def generate(
             streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         torch.manual_seed(seed)
         with torch.no_grad():
-            out = model.generate(**inputs, **decoding.generate_kwargs(), pad_token_id=pad, streamer=streamer)
+            out = model.generate(
+                **inputs, **extra, **decoding.generate_kwargs(), pad_token_id=pad, streamer=streamer
+            )
         answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return answers
+
+
+def image_inputs(model: Any, image: str | Path | None) -> dict[str, Any]:
+    """`{"images": [path]}` for an image model given `--image` (the file checked: one line naming it when
+    missing or unreadable); nothing without an image; a ConfigError for an image given to a text model."""
+    from peftbench.models.multimodal import takes_images
+    from peftbench.tasks.scenes_data import check_image
+
+    if image is None:
+        return {}
+    if not takes_images(model):
+        raise ConfigError(
+            f"--image {image}: this model ({type(model).__name__}) takes no images; accepted: the run of an "
+            "image model (model=vision_smollm2, a LLaVA directory), or no --image"
+        )
+    check_image(Path(image).expanduser(), "--image")
+    return {"images": [str(Path(image).expanduser())]}
 
 
 def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
@@ -160,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", default=None, help="one prompt")
     prompts.add_argument("--file", type=Path, default=None, help="a text file, one prompt per line")
+    parser.add_argument("--image", type=Path, default=None, help="an image the prompts are about")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (256)")
     parser.add_argument(
         "--chat",
@@ -197,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError:
             raise bad_value("--device", args.device, "cpu, cuda, cuda:<index>, mps") from None
         model, tokenizer = load(args)
-        generate(model.to(device), tokenizer, prompts, decoding, chat=args.chat, seed=args.seed)
+        generate(
+            model.to(device), tokenizer, prompts, decoding, chat=args.chat, seed=args.seed, image=args.image
+        )
     except ConfigError as err:
         return fail(err)
     return 0
