@@ -131,6 +131,7 @@ class Env:
     cpu_flags: dict[str, bool] = field(default_factory=dict)  # avx512_bf16, amx_bf16, avx512f, avx2
     load_avg_1m: float | None = None
     gpu: str | None = None
+    cpu_count: int | None = None  # logical CPUs (the load average is compared with it)
 
 
 @dataclass
