@@ -41,7 +41,8 @@ def versions() -> dict[str, str | None]:
 
 def environment() -> Env:
     """Host, device, CPU model and the flags that decide its kernels, torch's threads, the 1-minute load
-    average and the logical CPUs it compares with (a busy machine runs slower), the GPU if any, the git commit and the library versions."""
+    average and the logical CPUs it compares with (a busy machine runs slower), the GPU if any, the git
+    commit and the library versions."""
     import torch
 
     from peftbench.hardware import cpu_model, notable_cpu_flags
