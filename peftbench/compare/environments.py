@@ -75,8 +75,7 @@ def cores(record: Record) -> int | None:
     env = _env(record)
     if env is None:
         return None
-    count = getattr(env, "cpu_count", None)
-    return int(count) if count else env.cpu_threads
+    return env.cpu_count or env.cpu_threads
 
 
 def loaded(record: Record) -> bool | None:
