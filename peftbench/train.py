@@ -195,7 +195,9 @@ def train(
     )
     if logger and trainer.is_global_zero:
         logger.log_hyperparams({"params": dataclasses.asdict(record.params)})
-        logger.experiment.summary.update({k: v for k, v in metrics.items()})
+        from peftbench.compare.wandb_metrics import run_summary  # the keys the dashboards read
+
+        logger.experiment.summary.update({**metrics, **run_summary(record)})
         logger.finalize("success")
         import wandb
 
