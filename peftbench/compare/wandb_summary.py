@@ -1,8 +1,9 @@
 """Log a study's comparison to Weights & Biases as one summary run (offline unless logged in).
 
 The run goes to project `peftbench-<study>` (the project the study's runs share), job type `compare`:
-the per-method table as a `wandb.Table`, the plots as images. Without an API key (env var or ~/.netrc)
-it runs with WANDB_MODE=offline and never prompts; sync later with `wandb sync <dir>`.
+the per-method table as a `wandb.Table`, the plots as images. Not logged in (peftbench/loggers.py
+`wandb_login`: WANDB_MODE, WANDB_API_KEY, a netrc entry for WANDB_BASE_URL's host) it runs offline and never
+prompts; sync later with `wandb sync <dir>`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from peftbench.compare.report import main_table
 from peftbench.compare.table import StudySummary
-from peftbench.loggers import wandb_logged_in
+from peftbench.loggers import prepare_wandb_env
 
 
 def table_data(summary: StudySummary) -> tuple[list[str], list[list[Any]]]:
@@ -63,10 +64,7 @@ def table_data(summary: StudySummary) -> tuple[list[str], list[list[Any]]]:
 def log_summary(summary: StudySummary, plots: dict[str, Path], out_dir: Path) -> Path:
     """Create the summary run and return its local run directory. Files go under $WANDB_DIR when set,
     else under `out_dir`."""
-    if not wandb_logged_in():
-        os.environ["WANDB_MODE"] = "offline"
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("WANDB_CONSOLE", "off")
+    prepare_wandb_env()
     import wandb
 
     root = Path(os.environ.get("WANDB_DIR") or out_dir)
