@@ -218,13 +218,16 @@ def test_per_language_losses_match_a_computation_by_hand(tiny_model_and_tokenize
 
 
 # ---- the two-phase run ----------------------------------------------------------------------------------
-def test_two_phase_headlines_then_dialogue_records_forgetting_and_language_losses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+LANGUAGES = ["german", "italian"]
+
+
+@pytest.fixture(scope="module")
+def two_phase(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny `experiment=multilingual_two_phase` run: 2 headline steps, then 3 dialogue steps."""
     from peftbench.stages import run_stages
     from peftbench.validation import load_config
 
-    languages = ["german", "italian"]
+    tmp_path = tmp_path_factory.mktemp("multilingual")
     cfg = load_config(
         [
             "experiment=multilingual_two_phase",
@@ -240,7 +243,7 @@ def test_two_phase_headlines_then_dialogue_records_forgetting_and_language_losse
             "stages.0.task_overrides.max_source_tokens=24",
             "stages.1.max_steps=3",
             "+stages.1.lr=0.01",
-            f"stages.1.task_overrides.languages=[{','.join(languages)}]",
+            f"stages.1.task_overrides.languages=[{','.join(LANGUAGES)}]",
             "stages.1.task_overrides.split.val=1",
             "stages.1.task_overrides.split.test=2",
             "stages.1.task_overrides.split.max_train=6",
@@ -251,8 +254,16 @@ def test_two_phase_headlines_then_dialogue_records_forgetting_and_language_losse
         stage.task_overrides.probe = None
         stage.task_overrides.eval_batch_size = 4
     cfg.stages[0].task_overrides.max_new_tokens = 2
-    monkeypatch.chdir(tmp_path)
-    record = run_stages(cfg, "test-multilingual")[0].to_dict()
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.chdir(tmp_path)
+        return run_stages(cfg, "test-multilingual")[0]
+    finally:
+        monkeypatch.undo()
+
+
+def test_two_phase_headlines_then_dialogue_records_forgetting_and_language_losses(two_phase: Any) -> None:
+    record = two_phase.to_dict()
     assert record["status"] == "ok" and record["task"] == "summarization->dialogue"
     first, second = record["stages"]
     gone = record["forgetting"]["headlines"]
@@ -261,8 +272,30 @@ def test_two_phase_headlines_then_dialogue_records_forgetting_and_language_losse
     assert first["metrics_after_last"]["test/loss"] != pytest.approx(first["metrics"]["test/loss"], abs=1e-6)
     metrics = second["metrics"]
     assert second["primary_metric"] == "test/token_accuracy"
-    for language in languages:
+    for language in LANGUAGES:
         before, after = metrics[f"test_before/loss_{language}"], metrics[f"test/loss_{language}"]
         assert math.isfinite(before) and math.isfinite(after) and after < before  # phase 2 trained on it
         assert f"val/loss_{language}" in metrics
     assert not any(key.startswith(("test/_", "test_before/_")) for key in metrics)  # raw keys consumed
+
+
+def test_stages_report_tables_hold_the_recorded_numbers(two_phase: Any) -> None:
+    from peftbench.stages_report import last_stage_rows, report
+
+    text = report([two_phase])
+    gone = two_phase.forgetting["headlines"]
+    row = (
+        f"| lora | headlines | test/rouge_l | 1 | {gone.after_own_stage:.3f} | {gone.after_last_stage:.3f} |"
+    )
+    assert row in text
+    rows = last_stage_rows([two_phase], "loss_")
+    assert [r["metric"] for r in rows] == [f"loss_{lang}" for lang in LANGUAGES] + ["loss_mean"]
+    metrics = two_phase.stages[-1].metrics
+    for r in rows:
+        assert (
+            r["before"] == metrics[f"test_before/{r['metric']}"]
+            and r["after"] == metrics[f"test/{r['metric']}"]
+        )
+        assert f"| lora | dialogue | {r['metric']} | 1 | {r['before']:.3f} | {r['after']:.3f} |" in text
+    with pytest.raises(ConfigError, match="holds no stages run"):
+        report([])
