@@ -10,7 +10,8 @@ reward per completion. The verifiable rewards here score in [0, 1]:
   `peftbench.tasks.labels` normalises answers) equal those of `metadata[i]["label"]`, else 0 (`prefix=True`
   accepts trailing words, as the instruction task's exact-match metric does);
 - `format`: 1 when the completion is a single line of `min_words`..`max_words` words, else 0.
-A trained reward model (a reward-model run directory) fits the same protocol; it lives with the model code.
+A trained reward model fits the same protocol: `reward_model` with option `path`, a `task=reward_model` run
+directory (`peftbench.rl.reward_model`, which also refuses a policy on another base: `check_policy_base`).
 """
 
 from __future__ import annotations
@@ -137,6 +138,14 @@ class WeightedReward:
     ) -> dict[str, torch.Tensor]:
         return {name: reward(prompts, completions, metadata) for name, _, reward in self.parts}
 
+    def check_policy_base(self, model: torch.nn.Module) -> None:
+        """ConfigError when a part trained on a base model (a reward model) was trained on another base than
+        `model`, the policy as loaded (before its method is applied); verifiable parts accept any policy."""
+        for _, _, reward in self.parts:
+            check = getattr(reward, "check_policy_base", None)
+            if check is not None:
+                check(model)
+
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]
     ) -> torch.Tensor:
@@ -154,28 +163,50 @@ VERIFIABLE: dict[str, Callable[..., Reward]] = {
 }
 
 
+def _reward_model(**options: Any) -> Reward:
+    """A trained reward model: `path`, a `task=reward_model` run directory (`peftbench.rl.reward_model`)."""
+    import inspect
+
+    from peftbench.rl.reward_model import load_reward_model
+
+    accepted = list(inspect.signature(load_reward_model).parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown or "path" not in options:
+        raise ConfigError(
+            f"reward 'reward_model': options {dict(options)!r} are not valid "
+            f"({'unknown: ' + ', '.join(unknown) if unknown else 'path missing'}); accepted: "
+            f"{', '.join(accepted)} (path required: a reward-model run directory)"
+        )
+    return load_reward_model(**options)
+
+
+#: every reward `build_reward` knows: the verifiable ones and a trained reward model
+REWARDS: dict[str, Callable[..., Reward]] = {**VERIFIABLE, "reward_model": _reward_model}
+
+
 def build_reward(
     weights: str | Mapping[str, Any], options: Mapping[str, Mapping[str, Any]] | None = None
 ) -> WeightedReward:
-    """A weighted sum of verifiable rewards from `{name: weight}` (a bare name means weight 1), each built
-    with `options[name]` as keyword arguments. Unknown names, unknown options and weights that are not
-    finite numbers >= 0 (or are all 0) get a one-line ConfigError naming what is accepted."""
+    """A weighted sum of rewards (verifiable ones, a reward model) from `{name: weight}` (a bare name means
+    weight 1), each built with `options[name]` as keyword arguments. Unknown names, unknown options and
+    weights that are not finite numbers >= 0 (or are all 0) get a one-line ConfigError naming what is
+    accepted."""
     if isinstance(weights, str):
         weights = {weights: 1.0}
     if not isinstance(weights, Mapping) or not weights:
         raise bad_value(
-            "reward", weights, f"a reward name or a {{name: weight}} mapping of {', '.join(VERIFIABLE)}"
+            "reward", weights, f"a reward name or a {{name: weight}} mapping of {', '.join(REWARDS)}"
         )
     options = dict(options or {})
     for name in [*weights, *options]:
-        if name not in VERIFIABLE:
-            raise bad_value("reward", name, VERIFIABLE)
+        if name not in REWARDS:
+            raise bad_value("reward", name, REWARDS)
     parts = []
     for name, weight in weights.items():
         if not is_number(weight) or not math.isfinite(weight) or weight < 0:
             raise bad_value(f"reward weight of {name}", weight, "a finite number >= 0")
         try:
-            reward = VERIFIABLE[name](**options.get(name, {}))
+            reward = REWARDS[name](**options.get(name, {}))
         except TypeError as err:
             raise ConfigError(
                 f"reward {name!r}: bad options {dict(options.get(name, {}))!r} ({err})"
