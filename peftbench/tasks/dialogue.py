@@ -7,7 +7,7 @@ portuguese, spanish, traditionalchinese, ukrainian). This is phase 2 of the two-
 fine-tuning: a task first, then multilingual chat data; conf/experiment/multilingual_two_phase.yaml).
 
 Examples: every pair of consecutive turns of a dialogue, `turn[i]` as the user message (chat template,
-`prompt` around it, cut to `max_line_tokens`) and `turn[i + 1]` as the response (cut to
+`prompt` around it, cut to `max_source_tokens`) and `turn[i + 1]` as the response (cut to
 `max_target_tokens`, EOS included); the loss is on the response tokens only (supervised fine-tuning).
 
 Splits, per language: the DIALOGUES are deduplicated and split by content hash (`splits.py`, `split`
@@ -105,8 +105,8 @@ class DialogueTask(DataTask):
         min_dialogues: the threshold of the default selection.
         corpus_dir: a directory laid out like the package's `data/` (`<language>/*.yml`); null: the
             installed chatterbot-corpus.
-        prompt: the user message; `{source}` = the dialogue line (cut to `max_line_tokens`).
-        max_line_tokens: the line is cut to this many tokens.
+        prompt: the user message; `{source}` = the dialogue line (cut to `max_source_tokens`).
+        max_source_tokens: the line is cut to this many tokens.
         max_target_tokens: the reply is cut to this many tokens, EOS included.
     """
 
@@ -119,7 +119,7 @@ class DialogueTask(DataTask):
     min_dialogues: int = MIN_DIALOGUES
     corpus_dir: str | None = None
     prompt: str = "{source}"
-    max_line_tokens: int = 64
+    max_source_tokens: int = 64
     max_target_tokens: int = 48
 
     def __post_init__(self) -> None:
@@ -131,7 +131,7 @@ class DialogueTask(DataTask):
                 f"dataset={CHATTERBOT!r}, data_files=null (other data: task=instruction with a chat file)"
             )
         positive_int("min_dialogues", self.min_dialogues)
-        positive_int("max_line_tokens", self.max_line_tokens)
+        positive_int("max_source_tokens", self.max_source_tokens)
         positive_int("max_target_tokens", self.max_target_tokens)
         check_template(self.prompt, "source", ["source"])
         accepted = available_languages(self.corpus_dir)
@@ -211,7 +211,7 @@ class DialogueTask(DataTask):
                     self.prompt,
                     [line for line, _ in pairs],
                     [reply for _, reply in pairs],
-                    self.max_line_tokens,
+                    self.max_source_tokens,
                     self.max_target_tokens,
                 )
                 parts[part] += [DialogueExample(**vars(e), language=language) for e in encoded]
