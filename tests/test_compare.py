@@ -65,6 +65,8 @@ def make_record(
         "history": {"train_loss": losses, "val": [{"step": steps, "val/loss": 3.1 - score}]},
         "method_config": {"name": method},
         "config": {
+            "method": {"name": method},
+            "logger": {"project": "peftbench-t", "group": method},
             "batch_size": 4,
             "optim": {"lr": 1e-3},
             "trainer": {

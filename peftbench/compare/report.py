@@ -13,6 +13,7 @@ from typing import Any
 
 from peftbench.budget import budget_statement
 from peftbench.compare.claims import ClaimResult, thresholds_note
+from peftbench.compare.dashboard import write_spec
 from peftbench.compare.memory_split import split_note
 from peftbench.compare.plots import write_plots
 from peftbench.compare.stats import Estimate, PairedTest
@@ -376,7 +377,8 @@ def render_html(s: StudySummary, plots: dict[str, Path]) -> str:
 
 
 def write_report(records: list[Record], summary: StudySummary, out_dir: Path) -> dict[str, Path]:
-    """Write plots/*.png|svg, report.md, report.html and summary.json under `out_dir` (each atomically)."""
+    """Write plots/*.png|svg, report.md, report.html, summary.json and the W&B dashboard's spec
+    (dashboard.json, compare/dashboard.py) under `out_dir` (each atomically)."""
     out_dir = Path(out_dir)
     plots = write_plots(records, summary, out_dir / "plots")
     paths = {
@@ -387,4 +389,5 @@ def write_report(records: list[Record], summary: StudySummary, out_dir: Path) ->
     atomic_write_text(paths["markdown"], render_markdown(summary, plots, out_dir))
     atomic_write_text(paths["html"], render_html(summary, plots))
     atomic_write_json(paths["summary"], summary.to_dict())
+    paths["dashboard"] = write_spec(records, summary, out_dir)
     return {**paths, **{f"plot:{k}": v for k, v in plots.items()}}
