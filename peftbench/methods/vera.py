@@ -32,7 +32,7 @@ from peftbench.methods.dense import merged_with_delta
 from peftbench.methods.lora import adapter_dtype, check_lora_hyperparameters, compute_copy
 from peftbench.methods.peft_format import exported, peft_key, peft_layer_config
 from peftbench.methods.registry import register
-from peftbench.methods.walker import ALL_LINEAR, find_targets, wrap_targets
+from peftbench.methods.walker import ALL_LINEAR, adapted_part, find_targets, wrap_targets
 
 #: attribute under which the shared projections hang off the model
 PROJECTIONS = "vera_projections"
@@ -166,7 +166,7 @@ class VeRA(PeftMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         super().merge(model)
-        delattr(model, PROJECTIONS)
+        delattr(adapted_part(model), PROJECTIONS)
         return model
 
     def peft_export(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -197,14 +197,14 @@ class VeRA(PeftMethod):
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The seed and shapes of the shared projections (not the matrices), plus a checksum."""
-        projections: VeRAProjections = getattr(model, PROJECTIONS)
+        projections: VeRAProjections = getattr(adapted_part(model), PROJECTIONS)
         return {SPEC_KEY: projections.spec(), CHECKSUM_KEY: projections.checksum()}
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Check the regenerated projections match the saved seed, shapes and checksum; load b and d."""
         state = dict(state)
         spec, checksum = state.pop(SPEC_KEY, None), state.pop(CHECKSUM_KEY, None)
-        projections: VeRAProjections = getattr(model, PROJECTIONS)
+        projections: VeRAProjections = getattr(adapted_part(model), PROJECTIONS)
         if spec is None or not torch.equal(spec, projections.spec()):
             raise ConfigError(
                 f"adapter VeRA projections (seed, r, out_max, in_max) = "
