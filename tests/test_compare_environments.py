@@ -105,3 +105,13 @@ def test_report_states_the_split(tmp_path: Path) -> None:
     saved = json.loads(paths["summary"].read_text())
     assert [e["cpu_model"] for e in saved["environments"]] == ["AMD EPYC", "Intel Xeon"]  # tie: by name
     assert saved["rows"][0]["costs_by_env"]["E2"]["step_s"] == 2.0
+
+
+def test_wandb_table_names_the_cost_environment() -> None:
+    from peftbench.compare.wandb_summary import table_data
+
+    records = [run("lora", 0, 1.0, EPYC), run("lora", 1, 2.0, EPYC), run("vera", 0, 9.0, XEON)]
+    columns, data = table_data(summarize(records))
+    rows = {row[0]: dict(zip(columns, row, strict=True)) for row in data}
+    assert rows["lora"]["cost_environment"] == "E1: AMD EPYC, bf16 emulated, 2 threads, no GPU"
+    assert rows["lora"]["step_s"] == pytest.approx(1.5) and rows["vera"]["step_s"] is None

@@ -34,9 +34,13 @@ def table_data(summary: StudySummary) -> tuple[list[str], list[list[Any]]]:
         "peak_memory_bytes",
         "step_s",
         "tokens_per_s",
+        "cost_environment",
         "summary",
     ]
     _, formatted = main_table(summary)
+    # memory, time and tokens/s are one environment's (E1's when the runs ran in several; environments.py)
+    envs = summary.environments
+    cost_env = f"{envs[0]['id']}: {envs[0]['description']}" if envs else None
     data = []
     for row, text in zip(summary.rows, formatted, strict=True):
         data.append(
@@ -55,6 +59,7 @@ def table_data(summary: StudySummary) -> tuple[list[str], list[list[Any]]]:
                 row.peak_memory_bytes,
                 row.step_s,
                 row.tokens_per_s,
+                cost_env,
                 " | ".join(text[2:5]),
             ]
         )
