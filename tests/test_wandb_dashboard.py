@@ -190,3 +190,20 @@ def test_panels_name_what_a_real_offline_run_logs(tmp_path: Path) -> None:
     ]
     assert missing == []
     assert set(TRAIN_HISTORY) <= logged["history"] and set(RUN_SUMMARY) <= logged["summary"]
+
+
+def test_cli_refuses_a_dashboard_naming_an_unknown_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    study_dir = write_study(tmp_path / "t")
+    real = dash.dashboard_spec
+
+    def with_unknown(records: list[Any], summary: Any) -> dict[str, Any]:
+        spec = real(records, summary)
+        spec["sections"][0]["panels"][0]["y"] = {"source": "summary", "key": "test/bleu"}
+        return spec
+
+    monkeypatch.setattr(dash, "dashboard_spec", with_unknown)
+    assert main([str(study_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "summary:test/bleu" in err

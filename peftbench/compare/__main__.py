@@ -66,13 +66,13 @@ def print_table(summary: StudySummary, console: Console | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = args.out or args.dir / "report"
     try:
         records, summary = load_study(args.dir, metric=args.metric, baseline=args.baseline)
+        paths = write_report(records, summary, out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = args.out or args.dir / "report"
-    paths = write_report(records, summary, out)
     print_table(summary)
     if summary.failed:
         print(f"{len(summary.failed)} failed run(s), listed in the report.")
