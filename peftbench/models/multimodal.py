@@ -79,6 +79,8 @@ class VisionSpec:
     projector_norm: bool = True
     projector_from: str | None = None
     feature_cache: bool = True
+    #: what the encoder was trained for, carried into every record's config (informational)
+    encoder_training: str = "ImageNet-1k classification; not aligned with language"
     switches: FreezeSwitches = FreezeSwitches()
 
     @classmethod
@@ -101,6 +103,10 @@ class VisionSpec:
             raise bad_value(
                 "model.vision.image_size", spec.get("image_size"), "a multiple of 32 (96 -> 9 tokens)"
             ) from None
+        if not isinstance(spec.get("encoder_training", ""), str):
+            raise bad_value(
+                "model.vision.encoder_training", spec["encoder_training"], "a text (informational)"
+            )
         for key in ("pretrained", "projector_norm", "feature_cache"):
             if key in spec and not isinstance(spec[key], bool):
                 raise bad_value(f"model.vision.{key}", spec[key], "true, false")
