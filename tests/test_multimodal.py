@@ -174,6 +174,11 @@ def test_virtual_token_methods_work_behind_image_tokens(
     out.loss.backward()
     trained = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
     assert trained and all(p.grad is not None for p in trained)
+    left = batch(tokenizer, scenes, left=True)
+    new = model.eval().generate(
+        left["input_ids"], left["attention_mask"], images=left["images"], max_new_tokens=2
+    )
+    assert new.shape[1] == left["input_ids"].shape[1] + 2
 
 
 def test_freeze_switches_and_stage_switching(loaded: tuple[Any, Any]) -> None:
