@@ -333,10 +333,11 @@ def render_markdown(s: StudySummary, plots: dict[str, Path], out_dir: Path) -> s
     return "\n\n".join(parts) + "\n"
 
 
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
+def _html_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 CSS = (
@@ -345,6 +346,7 @@ CSS = (
     "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left;font-weight:600}"
     "th{background:#f2f2f2}tr:nth-child(even){background:#fafafa}figure{display:inline-block;vertical-align:top;"
     "margin:0 1em 1em 0;max-width:640px}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    "table.text td,table.text th{text-align:left}"
 )
 
 
@@ -368,7 +370,7 @@ def render_html(s: StudySummary, plots: dict[str, Path]) -> str:
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>peftbench: '
         f"{html.escape(s.study)}</title><style>{CSS}</style></head><body>"
         f"<h1>Comparison: {html.escape(s.study)}</h1><p>{intro}</p>{_html_table(*main_table(s))}"
-        f"<h2>Claims</h2><p>{html.escape(CLAIMS_INTRO)}</p>{_html_table(*claims_table(s))}"
+        f"<h2>Claims</h2><p>{html.escape(CLAIMS_INTRO)}</p>{_html_table(*claims_table(s), cls='text')}"
         f"<p>{html.escape(thresholds_note())}</p><p>{html.escape(split_note())}</p>"
         f"<h2>Budget</h2>{lists['budget']}<h2>Plots</h2>{figs}<h2>All test metrics</h2>"
         f"{_html_table(*metrics_table(s))}<h2>Failed runs</h2>{failed}<h2>Environment</h2>{lists['env']}"
