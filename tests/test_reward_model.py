@@ -142,6 +142,22 @@ def test_head_is_a_float32_scalar_that_no_method_adapts(tiny_model: Any) -> None
     assert isinstance(tiny_model.reward_head, ScalarHead) and head.weight.requires_grad
 
 
+def test_the_base_is_fingerprinted_as_loaded_only(tmp_path: Path, tiny_model_and_tokenizer: Any) -> None:
+    from peftbench.merging.task_vectors import base_fingerprint
+
+    base, tokenizer = tiny_model_and_tokenizer
+    task = _task(tmp_path, tokenizer)
+    task.head(copy.deepcopy(base))
+    assert task.base_fingerprint == base_fingerprint(base)
+    adapted = copy.deepcopy(base)
+    build_method({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}).apply(
+        adapted
+    )
+    later_stage = _task(tmp_path, tokenizer)
+    later_stage.head(adapted)  # a later stage of a stages run: the model holds adapter layers already
+    assert later_stage.base_fingerprint is None
+
+
 # ---- the task: metrics, learning, errors ------------------------------------------------------------------
 def test_metrics_are_pair_accuracy_and_margin(tmp_path: Path, tiny_model_and_tokenizer: Any) -> None:
     model, tokenizer = copy.deepcopy(tiny_model_and_tokenizer[0]), tiny_model_and_tokenizer[1]
@@ -341,6 +357,10 @@ def test_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kept = {k: v for k, v in tensors.items() if not k.startswith(HEAD_NAME)}
     save_file(kept, str(no_head / "adapter" / "adapter.safetensors"), metadata={"method": "{}"})
     refused(no_head, "the adapter holds no reward_head tensors")
+    unstamped = variant("unstamped")
+    info = json.loads((unstamped / "adapter" / "reward_model.json").read_text())
+    (unstamped / "adapter" / "reward_model.json").write_text(json.dumps({**info, "base_fingerprint": None}))
+    refused(unstamped, "has no base fingerprint")
     # the run's base config now loads other weights than it was trained on
     moved = variant("moved_base")
     info = json.loads((moved / "adapter" / "reward_model.json").read_text())

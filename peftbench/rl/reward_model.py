@@ -96,7 +96,7 @@ def locate_reward_model(path: str | Path) -> RewardModelRun:
     if not isinstance(info, dict) or info.get("format") != REWARD_MODEL_FORMAT:
         raise _not_one(path, f"{REWARD_MODEL_FILE} is not a {REWARD_MODEL_FORMAT} file")
     if not info.get("base_fingerprint"):
-        raise _not_one(path, f"{REWARD_MODEL_FILE} has no base fingerprint")
+        raise _not_one(path, f"{REWARD_MODEL_FILE} has no base fingerprint (a later stage of a stages run)")
     model_config = run_model_config(run_dir)
     if model_config is None:
         raise _not_one(path, f"{RECORD_FILE} holds no model config")

@@ -105,15 +105,18 @@ class RewardModelTask(PairTask):
 
     # ---- model ------------------------------------------------------------------------------------------
     def head(self, model: torch.nn.Module) -> ScalarHead:
-        """Fingerprint the base (as loaded: call before the method is applied), then give it the scalar head
+        """Fingerprint the base (as loaded: call before the method is applied; none when the model already
+        holds adapter layers, a later stage of a stages run), then give it the scalar head
         (`model.reward_head`), which trains beside the method."""
         from peftbench.merging.task_vectors import base_fingerprint
+        from peftbench.methods.base import adapter_layers
 
         require_causal_lm(model, self.name)
         decoder_of(model, self.name)
-        had_head = isinstance(getattr(model, HEAD_NAME, None), ScalarHead)
-        if not had_head:
-            self.base_fingerprint = base_fingerprint(model)
+        if not isinstance(getattr(model, HEAD_NAME, None), ScalarHead):
+            # a later stage of a stages run gets the model with its method applied: no base to fingerprint
+            adapted = any(True for _ in adapter_layers(model))
+            self.base_fingerprint = None if adapted else base_fingerprint(model)
         head = attach_head(model, self.name)
         self.hidden_size = int(head.weight.shape[0])
         return head
