@@ -17,7 +17,7 @@ The policy runs without dropout (eval mode) while sampling and updating: the log
 then those of the sampling policy, and the KL to the reference is exactly 0 before the first update for an
 adapter that starts as the identity. The batch's statistics (reward mean/std, share of groups with zero
 reward spread, KL, clip fraction, completion length, generation tokens/s, generation seconds, step
-seconds) are logged as `train/<key>` and kept in the record (`record.Rollouts`).
+seconds, a checksum of the sampled token ids) are logged as `train/<key>` and kept in the record (`record.Rollouts`).
 
 Evaluation (val/test): greedy headlines of the held-out prompts; `reward` (primary: the mean reward of the
 greedy completion), ROUGE-1/2/L x 100 against the reference, the loss of the reference headline and the
@@ -77,6 +77,14 @@ def completion_texts(tokenizer: Any, rollout: Rollout) -> list[str]:
     lengths = rollout.mask.sum(dim=-1).long().tolist()
     rows = [ids[:n].tolist() for ids, n in zip(rollout.completion_ids, lengths, strict=True)]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def sample_checksum(rollout: Rollout) -> float:
+    """A fingerprint of the sampled token ids (exact in a float64 for any vocabulary below 2**20 and
+    batches of a few thousand tokens): equal on a resumed run that draws the same samples."""
+    ids = (rollout.completion_ids.long() * rollout.mask.long()).cpu()
+    weights = torch.arange(1, ids.numel() + 1, dtype=torch.long).view_as(ids) % 997 + 1
+    return float((ids * weights).sum())
 
 
 @dataclass(kw_only=True, eq=False)
@@ -211,7 +219,11 @@ class ReinforceTask(SummarizationTask):
         finally:
             model.train(was_training)
         self.last_rollout = rollout  # for tests and debugging: the token ids this step sampled
-        stats |= {"generation_s": rollout.seconds, "step_s": time.perf_counter() - started}
+        stats |= {
+            "generation_s": rollout.seconds,
+            "step_s": time.perf_counter() - started,
+            "sample_checksum": sample_checksum(rollout),
+        }
         context.log(stats)
         return loss, int(rollout.attention_mask.sum())
 
