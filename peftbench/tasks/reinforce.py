@@ -17,7 +17,8 @@ The policy runs without dropout (eval mode) while sampling and updating: the log
 then those of the sampling policy, and the KL to the reference is exactly 0 before the first update for an
 adapter that starts as the identity. The batch's statistics (reward mean/std, share of groups with zero
 reward spread, KL, clip fraction, completion length, generation tokens/s, generation seconds, step
-seconds, a checksum of the sampled token ids) are logged as `train/<key>` and kept in the record (`record.Rollouts`).
+seconds, a checksum of the sampled token ids) are logged as `train/<key>` and kept in the record
+(`record.Rollouts`).
 
 Evaluation (val/test): greedy headlines of the held-out prompts; `reward` (primary: the mean reward of the
 greedy completion), ROUGE-1/2/L x 100 against the reference, the loss of the reference headline and the
@@ -177,12 +178,21 @@ class ReinforceTask(SummarizationTask):
         """PPO: a value head (zero-initialised `Linear(hidden, 1)`, attached as `model.rl_value_head`, trained
         beside the method, saved with the adapter). GRPO and RLOO add none."""
         super().head(model)
+        self.check_rewards_fit(model)
         self.reference.remember(model)
         if not self.settings.uses_values:
             return None
         head = new_value_head(int(model.config.hidden_size))
         setattr(model, VALUE_HEAD, head)
         return head
+
+    def check_rewards_fit(self, model: torch.nn.Module) -> None:
+        """A reward that must match the policy (a reward model trained on the same base) checks it here, on
+        the model as loaded, before the method is applied: its one-line ConfigError passes through."""
+        for _, _, reward in self.reward_fn.parts:
+            check = getattr(reward, "check_policy_base", None)
+            if callable(check):
+                check(model)
 
     def use_reference(self, reference: Any) -> None:
         """The reference policy: adapters disabled, or a frozen copy (`tasks/reference.py`)."""
