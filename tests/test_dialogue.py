@@ -299,3 +299,24 @@ def test_stages_report_tables_hold_the_recorded_numbers(two_phase: Any) -> None:
         assert f"| lora | dialogue | {r['metric']} | 1 | {r['before']:.3f} | {r['after']:.3f} |" in text
     with pytest.raises(ConfigError, match="holds no stages run"):
         report([])
+
+
+def test_stages_report_cli_writes_the_tables_and_refuses_a_study_without_stages(
+    two_phase: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from peftbench.record import write_record
+    from peftbench.stages_report import main, report
+
+    study = tmp_path / "study"
+    study.mkdir()
+    write_record(two_phase, study, None)
+    out = tmp_path / "stages.md"
+    assert main([str(study), "--out", str(out)]) == 0
+    assert out.read_text() == report([two_phase]) and "loss_german" in out.read_text()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_record(replace(two_phase, stages=None, forgetting=None), plain, None)
+    assert main([str(plain)]) == 2
+    assert "error: the directory holds no stages run" in capsys.readouterr().err
