@@ -17,7 +17,7 @@ from peftbench.compare.dashboard import write_spec
 from peftbench.compare.memory_split import split_note
 from peftbench.compare.plots import write_plots
 from peftbench.compare.stats import Estimate, PairedTest
-from peftbench.compare.table import MethodRow, StudySummary
+from peftbench.compare.table import ROLLOUT_FIELDS, MethodRow, StudySummary
 from peftbench.files import atomic_write_json
 from peftbench.record import Record
 
@@ -178,6 +178,19 @@ def main_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def rollouts_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
+    """RL from feedback (record.Rollouts): sampled reward on the first and last rollout batch, KL to the
+    reference on the last one, and the rollout statistics (seed means ± 95% CI); step time beside them."""
+    keys = [k for k in ROLLOUT_FIELDS if any(k in r.rollouts for r in s.rows)]
+    head = ["method", *keys, "time per step"]
+    rows = [
+        [r.method, *(fmt_estimate(r.rollouts.get(k)) for k in keys), fmt_seconds(r.step_s)]
+        for r in s.rows
+        if r.rollouts
+    ]
+    return head, rows
+
+
 def metrics_table(s: StudySummary) -> tuple[list[str], list[list[str]]]:
     """Every test metric (mean ± 95% CI) plus the budget each method actually used."""
     keys = sorted({k for r in s.rows for k in r.metrics})
@@ -327,6 +340,8 @@ def render_markdown(s: StudySummary, plots: dict[str, Path], out_dir: Path) -> s
         f"![{name}]({p.relative_to(out_dir).as_posix()})\n\n{PLOT_CAPTIONS.get(name, '')}"
         for name, p in plots.items()
     ]
+    if any(r.rollouts for r in s.rows):
+        parts += ["## RL training (rollouts)", md_table(*rollouts_table(s))]
     parts += ["## All test metrics", md_table(*metrics_table(s)), "## Failed runs"]
     parts.append(md_table(["method", "seed", "error", "run_id"], failed_rows(s)) if s.failed else "None.")
     parts += ["## Environment", "\n".join(f"- {line}" for line in environment_lines(s))]
@@ -366,13 +381,18 @@ def render_html(s: StudySummary, plots: dict[str, Path]) -> str:
     failed = (
         _html_table(["method", "seed", "error", "run_id"], failed_rows(s)) if s.failed else "<p>None.</p>"
     )
+    rl_html = (
+        f"<h2>RL training (rollouts)</h2>{_html_table(*rollouts_table(s))}"
+        if any(r.rollouts for r in s.rows)
+        else ""
+    )
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>peftbench: '
         f"{html.escape(s.study)}</title><style>{CSS}</style></head><body>"
         f"<h1>Comparison: {html.escape(s.study)}</h1><p>{intro}</p>{_html_table(*main_table(s))}"
         f"<h2>Claims</h2><p>{html.escape(CLAIMS_INTRO)}</p>{_html_table(*claims_table(s), cls='text')}"
         f"<p>{html.escape(thresholds_note())}</p><p>{html.escape(split_note())}</p>"
-        f"<h2>Budget</h2>{lists['budget']}<h2>Plots</h2>{figs}<h2>All test metrics</h2>"
+        f"<h2>Budget</h2>{lists['budget']}<h2>Plots</h2>{figs}" + rl_html + "<h2>All test metrics</h2>"
         f"{_html_table(*metrics_table(s))}<h2>Failed runs</h2>{failed}<h2>Environment</h2>{lists['env']}"
         "</body></html>\n"
     )

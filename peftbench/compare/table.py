@@ -50,6 +50,7 @@ class MethodRow:
     lr: float | None = None
     method_config: dict[str, Any] = field(default_factory=dict)
     on_front: dict[str, bool] = field(default_factory=dict)
+    rollouts: dict[str, Estimate] = field(default_factory=dict)  # RL from feedback (record.Rollouts)
     envs: list[str] = field(default_factory=list)  # environment ids of its ok runs
     costs_by_env: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -169,7 +170,33 @@ def _row(method: str, ok: dict[int, Record], failed: list[int], metric: str) -> 
         train_tokens=_mean([r.train_tokens for r in recs]),
         lr=_mean([_get(r, "config", "optim", "lr") for r in recs]),
         method_config=dict(recs[0].method_config or {}) if recs else {},
+        rollouts=_rollouts(recs),
     )
+
+
+#: RL from feedback's summary fields (record.Rollouts) the report shows, in order
+ROLLOUT_FIELDS = (
+    "reward_first",
+    "reward_last",
+    "kl_last",
+    "zero_spread_groups",
+    "clip_fraction",
+    "completion_length",
+    "generation_tokens_per_s",
+    "generation_share",
+)
+
+
+def _rollouts(recs: list[Record]) -> dict[str, Estimate]:
+    """Seed means (± 95% CI) of the RL summary fields, for runs of a task that samples rollouts."""
+    if not any(r.rollouts for r in recs):
+        return {}
+    out = {}
+    for key in ROLLOUT_FIELDS:
+        estimate = mean_ci([_get(r, "rollouts", key) for r in recs if r.rollouts])
+        if estimate:
+            out[key] = estimate
+    return out
 
 
 def _distinct(values: list[Any]) -> list[Any]:
