@@ -294,3 +294,21 @@ def test_data_without_prompts_and_trainer_settings_are_refused(tmp_path: Path, t
     with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=2"):
         check_stepping_task(ppo, OmegaConf.create({"max_steps": 16, "accumulate_grad_batches": 2}))
     check_stepping_task(ppo, OmegaConf.create({"max_steps": 16, "accumulate_grad_batches": 1}))
+
+
+def test_a_reward_model_on_another_base_is_refused_when_the_policy_is_built(tiny_model: Any) -> None:
+    """A reward part with `check_policy_base` (the reward-model reward) sees the policy before the method is
+    applied; its one-line ConfigError passes through `head`."""
+    from peftbench.rl.rewards import WeightedReward
+
+    class OtherBase:
+        def check_policy_base(self, model: torch.nn.Module) -> None:
+            raise ConfigError("reward_model path='x' was trained on another base model than the policy's")
+
+        def __call__(self, prompts: Any, completions: Any, metadata: Any) -> torch.Tensor:
+            return torch.zeros(len(completions))
+
+    task = build_task({"name": "grpo"})
+    task.reward_fn = WeightedReward((("reward_model", 1.0, OtherBase()),))
+    with pytest.raises(ConfigError, match="another base"):
+        task.head(tiny_model)

@@ -189,7 +189,7 @@ class ReinforceTask(SummarizationTask):
     def check_rewards_fit(self, model: torch.nn.Module) -> None:
         """A reward that must match the policy (a reward model trained on the same base) checks it here, on
         the model as loaded, before the method is applied: its one-line ConfigError passes through."""
-        for _, _, reward in self.reward_fn.parts:
+        for _, _, reward in getattr(self.reward_fn, "parts", ()):
             check = getattr(reward, "check_policy_base", None)
             if callable(check):
                 check(model)
