@@ -413,3 +413,17 @@ def test_a_toy_reward_rises_under_grpo_updates() -> None:
         loss.backward()
         optimizer.step()
     assert means[0] == pytest.approx(1 / 6) and means[-1] > 0.5
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["peftbench.rl.losses", "peftbench.rl.rewards", "peftbench.rl.reward_model", "peftbench.tasks.reinforce"],
+)
+def test_rl_modules_import_first_in_a_fresh_interpreter(module: str) -> None:
+    """`peftbench.rl.rewards` uses text helpers from `peftbench.tasks`, whose registry imports the RL task:
+    importing either first in a fresh process must not hit a circular import."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
