@@ -133,3 +133,16 @@ def test_disabled_gives_the_base_model() -> None:
         with method.disabled(model):
             torch.testing.assert_close(model(x).logits, base(x).logits, atol=0, rtol=0)
         assert not torch.allclose(model(x).logits, base(x).logits)
+
+
+@pytest.mark.parametrize("method", ["lora", "vera", "dora", "lora_fa"])
+def test_a_task_head_attached_to_the_model_is_never_a_target(method: str) -> None:
+    """A reward or value head lives on the model as a linear layer (peftbench/tasks/reward_head.py,
+    peftbench/rl/policy.py); `all-linear` must not wrap it: it trains whole, beside the method."""
+    model = tiny_llama()
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    model.reward_head = head
+    build_method({"name": method, "r": 2, "target_modules": "all-linear"}).apply(model, head=head)
+    assert model.reward_head is head and type(head) is torch.nn.Linear
+    assert all(p.requires_grad for p in head.parameters())
+    assert any(p.requires_grad for n, p in model.named_parameters() if "q_proj" in n)

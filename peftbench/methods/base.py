@@ -92,10 +92,12 @@ class PeftMethod:
         beside the method like a head, and its freeze switches have the last word
         (peftbench/models/multimodal.py).
         """
-        from peftbench.methods.walker import adapted_part
+        from peftbench.methods.walker import adapted_part, mark_task_head
 
         self.validate()
         freeze(model)
+        if head is not None:
+            mark_task_head(head)  # a head attached to the model (reward, value) is never a method target
         self.attach(adapted_part(model))
         self.mark_trainable(model, head)
         if not any(p.requires_grad for p in model.parameters()):

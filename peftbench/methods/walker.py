@@ -10,6 +10,13 @@ from torch import nn
 from peftbench.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
+#: set on a task's head (a classifier, a reward or value head) by `PeftMethod.apply`: never a method target
+TASK_HEAD_MARK = "peftbench_task_head"
+
+
+def mark_task_head(head: nn.Module) -> None:
+    """Mark `head` (and so its linear layers) as a task head: `all-linear` and name selections skip it."""
+    setattr(head, TASK_HEAD_MARK, True)
 
 
 def adapted_part(model: nn.Module) -> nn.Module:
@@ -52,13 +59,15 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
-    """Names of the output head (lm_head / classifier): never adapted by `all-linear`."""
+    """Names of the output head (lm_head / classifier) and of task heads marked by `mark_task_head` (a
+    reward or value head attached to the model): never adapted."""
     heads: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     head_names = {"lm_head", "score", "classifier", "cls"}
     for name, module in model.named_modules():
-        if (out is not None and module is out) or name.split(".")[-1] in head_names:
+        is_output = out is not None and module is out
+        if is_output or name.split(".")[-1] in head_names or getattr(module, TASK_HEAD_MARK, False):
             heads.add(name)
     return heads
 
