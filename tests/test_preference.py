@@ -174,8 +174,8 @@ def test_full_fine_tuning_keeps_a_frozen_reference_copy(
     method.apply(tiny_model)
     task.use_reference(lambda: method.disabled(tiny_model))
     assert task.reference_kind == "frozen_copy"
-    assert task._frozen is not None and task._frozen is not tiny_model
-    assert not any(p.requires_grad for p in task._frozen.parameters())
+    assert task.reference._frozen is not None and task.reference._frozen is not tiny_model
+    assert not any(p.requires_grad for p in task.reference._frozen.parameters())
     batch = next(iter(task.train_dataloader(4)))
     loss, _ = task.loss(tiny_model, batch)
     assert float(loss) == pytest.approx(math.log(2.0), abs=1e-5)  # policy == reference before training

@@ -21,10 +21,8 @@ Before training, an adapter that starts as the identity gives margins of exactly
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,6 +41,7 @@ from peftbench.tasks.collate import IGNORE_INDEX, _pad, encode_examples, pad_tok
 from peftbench.tasks.datatask import Collate, DataTask
 from peftbench.tasks.dpo import DPOOutput, dpo_loss
 from peftbench.tasks.logprobs import response_logprobs
+from peftbench.tasks.reference import ReferenceFactory, ReferencePolicy
 from peftbench.tasks.sources import map_columns
 from peftbench.tasks.splits import normalise, split_records
 
@@ -241,48 +240,24 @@ class PreferenceTask(PairTask):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.beta = positive_float("beta", self.beta)
-        self.reference_kind = "unset"
-        self._model: torch.nn.Module | None = None
-        self._reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None
-        self._frozen: torch.nn.Module | None = None
+        self.reference = ReferencePolicy(self.name)
         self._cache: tuple[Any, DPOOutput, torch.Tensor, torch.Tensor] | None = None
 
     def head(self, model: torch.nn.Module) -> None:
         """No head; checks the model is a causal LM and remembers it (for a frozen reference copy)."""
         require_causal_lm(model, self.name)
-        self._model = model
+        self.reference.remember(model)
         return None
 
-    def use_reference(
-        self, reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]]
-    ) -> None:
-        """Use `reference` (the model with adapters disabled) if it can be entered; if it raises ConfigError
-        (a method without adapters), keep a frozen deep copy of the model as it is now (before training)."""
-        try:
-            with reference():
-                pass
-        except ConfigError as error:
-            if self._model is None:
-                raise ConfigError(
-                    f"task {self.name!r} needs a reference model and none is available ({error})"
-                ) from None
-            frozen = copy.deepcopy(self._model).eval()
-            for param in frozen.parameters():
-                param.requires_grad_(False)
-            self._frozen, self.reference_kind = frozen, "frozen_copy"
-            self._reference = lambda: contextlib.nullcontext(frozen)
-            log.info("%s: the method has no adapters to disable; DPO reference = a frozen copy", self.name)
-            return
-        self._reference, self.reference_kind = reference, "adapters_disabled"
+    def use_reference(self, reference: ReferenceFactory) -> None:
+        """The model with adapters disabled, or a frozen copy for methods that change the base
+        (`peftbench.tasks.reference.ReferencePolicy`, shared with the RL tasks)."""
+        self.reference.use(reference)
 
-    @contextlib.contextmanager
-    def _reference_model(self, device: torch.device) -> Iterator[torch.nn.Module]:
-        if self._reference is None:
-            raise RuntimeError(f"{self.name}: call use_reference(factory) before computing the DPO loss")
-        with self._reference() as model:
-            if self._frozen is not None and next(self._frozen.parameters()).device != device:
-                self._frozen.to(device)  # Lightning moved the policy, not this copy
-            yield model
+    @property
+    def reference_kind(self) -> str:
+        """`adapters_disabled`, `frozen_copy`, or `unset` before `use_reference`."""
+        return self.reference.kind
 
     # ---- objective and metrics -----------------------------------------------------------------------
     def _dpo(self, model: torch.nn.Module, batch: Batch) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
@@ -293,7 +268,7 @@ class PreferenceTask(PairTask):
             return self._cache[1:]
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         policy, counts = response_logprobs(model, ids, mask, labels)
-        with torch.no_grad(), self._reference_model(ids.device) as reference_model:
+        with torch.no_grad(), self.reference.model(ids.device) as reference_model:
             reference, _ = response_logprobs(reference_model, ids, mask, labels)
         n = batch["pairs"]
         out = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta)
