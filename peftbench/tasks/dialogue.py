@@ -44,9 +44,9 @@ from peftbench.tasks.chatterbot import (
     cached_corpus,
 )
 from peftbench.tasks.checks import check_template, positive_int, require_eos
-from peftbench.tasks.collate import IGNORE_INDEX, CausalLMCollator, Encoded, encode_examples, pad_token_id
+from peftbench.tasks.collate import CausalLMCollator, Encoded, encode_examples, pad_token_id
 from peftbench.tasks.datatask import Collate, DataTask
-from peftbench.tasks.logprobs import hidden_and_head
+from peftbench.tasks.logprobs import labelled_logits
 from peftbench.tasks.objectives import target_token_loss
 from peftbench.tasks.splits import content_hash, split_records
 
@@ -78,21 +78,11 @@ def reply_token_scores(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: the summed cross-entropy of the labelled tokens, their count, and how many of them are the
     argmax of the model's next-token distribution. The head runs on the labelled positions only."""
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(shift_labels)[mask]
-    parts = hidden_and_head(model, input_ids, attention_mask)
-    if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        selected = logits[:, :-1][mask].float()
-    else:
-        hidden, head = parts
-        selected = head(hidden[:, :-1][mask]).float()
-    targets = shift_labels[mask]
+    selected, targets, rows, counts = labelled_logits(model, input_ids, attention_mask, labels)
     nll = F.cross_entropy(selected, targets, reduction="none")
     hits = (selected.argmax(dim=-1) == targets).float()
     zeros = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-    return zeros.index_add(0, rows, nll), mask.sum(dim=1), zeros.index_add(0, rows, hits)
+    return zeros.index_add(0, rows, nll), counts, zeros.index_add(0, rows, hits)
 
 
 @dataclass(kw_only=True, eq=False)

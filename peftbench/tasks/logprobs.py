@@ -26,14 +26,11 @@ def hidden_and_head(
     return out.last_hidden_state, head
 
 
-def response_logprobs(
+def labelled_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the SUM of log p(label_t | prefix) over labelled tokens (labels != -100), and their count.
-
-    Position t predicts `labels[t + 1]` (the causal shift). Returns `(logps, counts)`, both of shape
-    `(batch,)`; `logps` is float32 and carries gradients when the model does.
-    """
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float32 logits at the labelled positions only (position t predicts `labels[t + 1]`), shape
+    `(n_labelled, vocab)`; their targets and row indices `(n_labelled,)`; the labelled count per row."""
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(shift_labels)[mask]
@@ -44,8 +41,19 @@ def response_logprobs(
     else:
         hidden, head = parts
         selected = head(hidden[:, :-1][mask]).float()
-    token_logps = -F.cross_entropy(selected, shift_labels[mask], reduction="none")
+    return selected, shift_labels[mask], rows, mask.sum(dim=1)
+
+
+def response_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the SUM of log p(label_t | prefix) over labelled tokens (labels != -100), and their count.
+
+    Position t predicts `labels[t + 1]` (the causal shift). Returns `(logps, counts)`, both of shape
+    `(batch,)`; `logps` is float32 and carries gradients when the model does.
+    """
+    selected, targets, rows, counts = labelled_logits(model, input_ids, attention_mask, labels)
+    token_logps = -F.cross_entropy(selected, targets, reduction="none")
     logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
     logps = logps.index_add(0, rows, token_logps)
-    counts = mask.sum(dim=1)
     return logps, counts
