@@ -31,7 +31,7 @@ MODEL_FILE = "config.json"
 
 def load_any(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Any, Any]:
     """`(model, tokenizer, method)`: a plain model directory (method None) or a run / adapter directory."""
-    from peftbench.merge import PROVENANCE
+    from peftbench.merged_output import PROVENANCE
     from peftbench.models import load_model
     from peftbench.saved_run import apply_overrides, load_adapted, locate
 

@@ -21,7 +21,6 @@ prefix tuning, bottleneck adapters) are refused in one line naming the mergeable
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,8 @@ from typing import Any
 from torch import nn
 
 from peftbench.errors import ConfigError
+from peftbench.merged_output import MODEL_MARKER, PROVENANCE, save_merged
 from peftbench.methods.base import PeftMethod, adapter_layers
-
-#: written beside the model: which run and method the weights came from
-PROVENANCE = "peftbench_merge.json"
-#: what marks an earlier merge output (an --out that may be replaced)
-MODEL_MARKER = "config.json"
 
 
 def can_merge(cls: type[PeftMethod]) -> bool:
@@ -83,17 +78,6 @@ def merge_in_place(model: nn.Module, method: PeftMethod, dtype: Any = None) -> n
     if dtype is not None:
         model.to(dtype)
     return model.requires_grad_(False).eval()
-
-
-def save_merged(model: nn.Module, tokenizer: Any, out: str | Path, provenance: dict[str, Any]) -> Path:
-    """`save_pretrained` of model and tokenizer into `out`, replaced whole and all at once."""
-    from peftbench.files import atomic_directory
-
-    with atomic_directory(out, marker=MODEL_MARKER) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    return Path(out)
 
 
 def parse_args(argv: list[str] | None = None) -> Any:

@@ -117,7 +117,7 @@ def write_lora(
     from omegaconf import OmegaConf
 
     from peftbench.files import atomic_directory
-    from peftbench.merge import PROVENANCE
+    from peftbench.merged_output import PROVENANCE
     from peftbench.methods import build_method
     from peftbench.methods.io import save_adapter
     from peftbench.saved_run import ADAPTER_DIR, HYDRA_CONFIG
@@ -135,7 +135,7 @@ def write_lora(
 
 def merge_several(plan: Plan, out: Path) -> dict[str, Any]:
     """Load, combine and write as `plan` says; returns the provenance written."""
-    from peftbench.merge import PROVENANCE, save_merged
+    from peftbench.merged_output import PROVENANCE, save_merged
     from peftbench.merging.low_rank import cat, factorise, linear_weight_names, to_lora
     from peftbench.merging.runs import load_inputs
     from peftbench.merging.task_vectors import add_to_base

@@ -143,7 +143,7 @@ def test_head_is_a_float32_scalar_that_no_method_adapts(tiny_model: Any) -> None
 
 
 def test_the_base_is_fingerprinted_as_loaded_only(tmp_path: Path, tiny_model_and_tokenizer: Any) -> None:
-    from peftbench.merging.task_vectors import base_fingerprint
+    from peftbench.models.fingerprint import base_fingerprint
 
     base, tokenizer = tiny_model_and_tokenizer
     task = _task(tmp_path, tokenizer)

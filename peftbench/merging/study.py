@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench.errors import ConfigError, bad_value
+from peftbench.merging.study_rows import append_row, find_row, read_rows
 
 STATE = "study.json"
 #: the study's own keys (under ``merging:``); every other override goes to each peftbench.run
@@ -215,25 +216,6 @@ def train(study: Study, method: str, task: str, seed: int) -> dict[str, Any]:
     copy_to.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(directory / "record.json", copy_to)
     return record
-
-
-# ----- rows on disk -------------------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(row, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def find_row(rows: Sequence[dict[str, Any]], **keys: Any) -> dict[str, Any] | None:
-    return next((r for r in rows if all(r.get(k) == v for k, v in keys.items())), None)
 
 
 # ----- 2-4. merging and scoring, in this process ----------------------------------------------------------

@@ -57,7 +57,7 @@ def chosen_combination(selection: Sequence[dict[str, Any]], method: str) -> str 
 
 
 def summarise(study: Any) -> dict[str, Any]:
-    from peftbench.merging.study import read_rows
+    from peftbench.merging.study_rows import read_rows
 
     out = study.out
     selection, test = read_rows(out / "selection.jsonl"), read_rows(out / "test.jsonl")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from peftbench.errors import ConfigError, bad_value, is_int
-from peftbench.rl.rewards import Metadata, _check_lengths
+from peftbench.rl.reward_protocol import Metadata, check_lengths
 from peftbench.tasks.collate import _pad, encode_examples, pad_token_id
 from peftbench.tasks.reward_head import HEAD_NAME, attach_head, sequence_rewards
 from peftbench.tasks.reward_model import REWARD_MODEL_FILE, REWARD_MODEL_FORMAT
@@ -132,7 +132,7 @@ class RewardModelReward:
     def check_policy_base(self, model: nn.Module) -> None:
         """ConfigError when `model` (the policy as loaded, before its method) is another base than the one
         this reward model was trained on (compared by `base_fingerprint`)."""
-        from peftbench.merging.task_vectors import base_fingerprint
+        from peftbench.models.fingerprint import base_fingerprint
 
         found = base_fingerprint(model)
         if found != self.base_fingerprint:
@@ -146,7 +146,7 @@ class RewardModelReward:
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]
     ) -> torch.Tensor:
-        _check_lengths(prompts, completions, metadata)
+        check_lengths(prompts, completions, metadata)
         encoded = encode_examples(
             self.tokenizer,
             "{source}",
@@ -181,9 +181,9 @@ def load_reward_model(
         max_prompt_tokens: cut each prompt to this many tokens (null: as given; the RL tasks cut theirs).
         device: where the reward model runs (null: CPU).
     """
-    from peftbench.merging.task_vectors import base_fingerprint
     from peftbench.methods.io import load_adapter
     from peftbench.models import load_model
+    from peftbench.models.fingerprint import base_fingerprint
 
     if not is_int(batch_size) or batch_size < 1:
         raise bad_value("reward_model batch_size", batch_size, "an integer >= 1")

@@ -19,31 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from peftbench.errors import ConfigError, bad_value, is_int, is_number
+from peftbench.rl.reward_protocol import Metadata, Reward, check_lengths
 from peftbench.tasks.labels import answer_matches, normalise_answer
 from peftbench.tasks.rouge import rouge_scores
-
-Metadata = Mapping[str, Any]
-
-
-class Reward(Protocol):
-    """One float reward per completion; the three sequences have one entry per completion."""
-
-    def __call__(
-        self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]
-    ) -> torch.Tensor: ...
-
-
-def _check_lengths(prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]) -> None:
-    if not len(prompts) == len(completions) == len(metadata):
-        raise ValueError(
-            f"{len(prompts)} prompts, {len(completions)} completions and {len(metadata)} metadata entries: "
-            "expected one of each per completion"
-        )
 
 
 def _field(metadata: Sequence[Metadata], key: str, reward: str) -> list[str]:
@@ -69,7 +52,7 @@ class RougeLReward:
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]
     ) -> torch.Tensor:
-        _check_lengths(prompts, completions, metadata)
+        check_lengths(prompts, completions, metadata)
         references = _field(metadata, self.reference_key, "rouge_l")
         scores = rouge_scores([first_line(c) for c in completions], references)["rouge_l"]
         return torch.tensor(scores, dtype=torch.float32) / 100.0
@@ -85,7 +68,7 @@ class LabelMatchReward:
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]
     ) -> torch.Tensor:
-        _check_lengths(prompts, completions, metadata)
+        check_lengths(prompts, completions, metadata)
         labels = _field(metadata, self.label_key, "label_match")
         if self.prefix:
             hits = [answer_matches(c, label) for c, label in zip(completions, labels, strict=True)]
@@ -117,7 +100,7 @@ class FormatReward:
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]
     ) -> torch.Tensor:
-        _check_lengths(prompts, completions, metadata)
+        check_lengths(prompts, completions, metadata)
         ok = []
         for completion in completions:
             text = completion.strip()
@@ -149,7 +132,7 @@ class WeightedReward:
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[Metadata]
     ) -> torch.Tensor:
-        _check_lengths(prompts, completions, metadata)
+        check_lengths(prompts, completions, metadata)
         total = torch.zeros(len(completions), dtype=torch.float32)
         for _, weight, reward in self.parts:
             total = total + weight * reward(prompts, completions, metadata).float()

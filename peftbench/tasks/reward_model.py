@@ -108,8 +108,8 @@ class RewardModelTask(PairTask):
         """Fingerprint the base (as loaded: call before the method is applied; none when the model already
         holds adapter layers, a later stage of a stages run), then give it the scalar head
         (`model.reward_head`), which trains beside the method."""
-        from peftbench.merging.task_vectors import base_fingerprint
         from peftbench.methods.base import adapter_layers
+        from peftbench.models.fingerprint import base_fingerprint
 
         require_causal_lm(model, self.name)
         decoder_of(model, self.name)
